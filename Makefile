@@ -1,0 +1,29 @@
+# The two README commands: `make demo` (main job on the embedded default) and `make test`.
+# Both create .venv and install the pinned set first; reruns skip the install.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.facekd-installed
+
+.PHONY: install demo test lint bench
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/facekd demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check facekd tests bench data_prep eval recipes
+
+bench: $(STAMP)
+	$(BIN)/python -m bench

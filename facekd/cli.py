@@ -1,0 +1,80 @@
+"""The ``facekd`` command: one argparse tree, one library call per subcommand.
+
+Each pipeline stage registers its own group from a small ``commands`` module that
+imports nothing heavy at module level, so ``facekd --help`` is instant. A
+:class:`~facekd.errors.FacekdError` (bad input) becomes one line on stderr and exit
+code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from facekd import __version__
+from facekd.errors import FacekdError
+
+# (group, module defining ``register(subparsers)``), in pipeline order.
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("prep", "facekd.data.commands"),
+    ("models", "facekd.models.commands"),
+    ("teacher", "facekd.models.teacher_commands"),
+    ("distill", "facekd.train.commands"),
+    ("eval", "facekd.evaluate.commands"),
+    ("export", "facekd.export.commands"),
+    ("demo", "facekd.demo"),
+)
+
+log = logging.getLogger("facekd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facekd",
+        description="Distil ArcFace teachers into small face embedders: "
+                    "data prep, distillation, evaluation and export.")
+    parser.add_argument("--version", action="version", version=f"facekd {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="group", metavar="GROUP")
+    sub.required = True
+    for _, module in GROUPS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from facekd.logs import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        result = args.func(args)
+    except FacekdError as exc:
+        if args.debug:
+            raise
+        print(f"facekd: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        if args.debug:
+            raise
+        print(f"facekd: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("facekd: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+def not_built(group: str, issue: str):
+    """Handler for a group whose stage is not implemented yet: says so plainly, exit 2."""
+
+    def handler(args: argparse.Namespace) -> int:
+        raise FacekdError(f"'facekd {group}' is not built yet ({issue})")
+
+    return handler

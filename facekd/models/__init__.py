@@ -1,0 +1,1 @@
+"""facekd.models"""

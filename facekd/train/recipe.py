@@ -1,0 +1,105 @@
+"""The recipe schema: what ``facekd distill RECIPE`` reads, as typed dataclasses.
+
+Every field has a default, so a recipe file states only what differs; the resolved
+recipe (defaults filled in, overrides applied) is saved in each run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from facekd.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                       # shards folder, or a .rec dataset folder
+    unlabelled: str | None = None         # optional second source (semi-supervised)
+    val_bins: list[str] = field(default_factory=list)
+    batch_size: int = 128                 # per process
+    unlabelled_batch_size: int = 0        # 0: same as batch_size
+    num_workers: int = 2
+    flip: bool = True
+
+
+@dataclass
+class HeadConfig:
+    type: Literal["arcface", "cosface", "combined", "softmax"] = "arcface"
+    scale: float = 64.0
+    margin: float = 0.5                   # arcface m2 / cosface m3
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    sample_rate: float = 1.0              # Partial FC share of negative classes kept
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "mbf"
+    embedding_size: int = 512
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str | None = None         # arcface_torch backbone, facekd checkpoint or .onnx
+    arch: str | None = None               # registry name when the checkpoint is a bare state dict
+    classifier: str | None = None         # class centres / Partial FC files for the teacher head
+    cache: str | None = None              # teacher cache folder (facekd teacher cache)
+    feature_layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "none"
+    weights: dict[str, float] = field(default_factory=dict)   # loss name -> weight
+    params: dict[str, Any] = field(default_factory=dict)      # method hyper-parameters
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 20
+    warmup_epochs: float = 0.0
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    clip_grad: float | None = 5.0
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda
+    amp: bool = True                      # used only on CUDA
+    save_every: int = 1000                # steps between checkpoints
+    eval_every: int = 0                   # steps between .bin evaluations (0: per epoch)
+    log_every: int = 20
+    max_steps: int | None = None          # stop early (tests, smoke runs)
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, path: str = "") -> None:
+        if self.data.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {self.data.batch_size}")
+        if not 0.0 < self.student.head.sample_rate <= 1.0:
+            raise ConfigError("student.head.sample_rate must be in (0, 1], "
+                              f"got {self.student.head.sample_rate}")
+
+
+def load_recipe(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    from facekd.config import load_config
+
+    return load_config(Recipe, path, overrides)
