@@ -216,14 +216,19 @@ def _read_pair_image(path: Path, resize: bool, quality: int) -> bytes:
     return enc.tobytes()
 
 
-def read_pairs_file(pairs_txt: str | os.PathLike) -> list[tuple[Path, Path, bool]]:
-    """Parse ``path1 path2 0|1`` lines; relative paths are relative to the pairs file."""
+def read_pairs_file(
+    pairs_txt: str | os.PathLike, root: str | os.PathLike | None = None
+) -> list[tuple[Path, Path, bool]]:
+    """Parse ``path1 path2 0|1`` lines; relative paths are relative to ``root``.
+
+    ``root`` defaults to the pairs file's folder.
+    """
     pairs_txt = Path(pairs_txt)
     try:
         lines = pairs_txt.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{pairs_txt}: cannot read pairs file ({exc})") from None
-    base = pairs_txt.parent
+    base = Path(root) if root is not None else pairs_txt.parent
     pairs = []
     for lineno, line in enumerate(lines, 1):
         fields = line.split()
@@ -242,13 +247,18 @@ def make_bin(
     pairs_txt: str | os.PathLike,
     out_bin: str | os.PathLike,
     *,
+    root: str | os.PathLike | None = None,
     resize: bool = False,
     quality: int = 95,
 ) -> dict:
-    """Build a ``.bin`` from a pairs list of aligned face images; returns a summary."""
+    """Build a ``.bin`` from a pairs list of aligned face images; returns a summary.
+
+    Aligned 112x112 JPEG/PNG files are stored byte for byte; other formats or channel
+    counts are re-encoded as JPEG; other sizes are an error unless ``resize``.
+    """
     from tqdm import tqdm
 
-    pairs = read_pairs_file(pairs_txt)
+    pairs = read_pairs_file(pairs_txt, root)
     cache: dict[Path, bytes] = {}
     bins: list[bytes] = []
     issame: list[bool] = []
