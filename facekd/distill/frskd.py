@@ -1,0 +1,206 @@
+"""FRSKD: a self-teacher refines the student's own multi-scale maps; no external teacher.
+
+Ji et al., "Refine Myself by Teaching Myself: Feature Refinement via Self-Knowledge
+Distillation" (CVPR 2021). The self-teacher is a BiFPN-like top-down + bottom-up fusion
+of the student's stage outputs (depthwise-separable conv blocks, learned normalised
+fusion weights), ending in its own GDC + embedding + margin head. The student learns
+the refined maps' attention and the self-teacher's (detached) embedding or logits; the
+self-teacher learns from the labels. MobileFaceNet's 56/28/14/7 px stages suit it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facekd.distill.base import (
+    DistillMethod,
+    StudentOutput,
+    TeacherOutput,
+    register_method,
+    zero_loss,
+)
+from facekd.distill.connectors import kd_kl
+from facekd.errors import ConfigError
+
+
+@dataclass
+class FRSKDParams:
+    """Defaults: paper's T = 4; embedding (cosine) soft target for many-class faces."""
+
+    width: int = 128                              # channels of the fused maps
+    pool: Literal["gdc", "avg"] = "gdc"
+    gdc_size: int = 7                             # side of the last map (112 px input: 7)
+    soft_target: Literal["cosine", "kd"] = "cosine"
+    temperature: float = 4.0                      # for soft_target: kd
+    head: Literal["arcface", "cosface", "combined", "softmax"] = "arcface"
+    scale: float = 64.0
+    margin: float = 0.5
+    detach_input: bool = False                    # True: self_ce does not reach the student
+
+    def validate(self, path: str = "") -> None:
+        if self.width <= 0 or self.gdc_size <= 0 or self.temperature <= 0:
+            raise ConfigError(f"{path}: width, gdc_size and temperature must be positive")
+
+
+class SeparableConvBlock(nn.Module):
+    """Depthwise 3x3 + pointwise 1x1 + BN + ReLU: BiFPN's cheap fusion block."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels,
+                                   bias=False)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn(self.pointwise(self.depthwise(x))))
+
+
+class WeightedFusion(nn.Module):
+    """BiFPN's fast normalised fusion: sum_i relu(w_i) x_i / (sum_j relu(w_j) + eps)."""
+
+    def __init__(self, num_inputs: int, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_inputs))
+        self.eps = eps
+
+    def forward(self, inputs: list[Tensor]) -> Tensor:
+        w = F.relu(self.weight)
+        w = w / (w.sum() + self.eps)
+        return sum((w[i] * x for i, x in enumerate(inputs)), torch.zeros_like(inputs[0]))
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.shape[-1] < size[1]:
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.adaptive_max_pool2d(x, size)
+
+
+class SelfTeacher(nn.Module):
+    """BiFPN-like fusion over L maps (high resolution first) + GDC embedding."""
+
+    def __init__(self, in_channels: list[int], width: int, embedding_size: int,
+                 pool: str = "gdc", gdc_size: int = 7) -> None:
+        super().__init__()
+        levels = len(in_channels)
+        self.lateral = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width))
+            for c in in_channels)
+        # top-down: level i (< L-1) fuses lateral_i with the coarser top-down map
+        self.td_fuse = nn.ModuleList(WeightedFusion(2) for _ in range(levels - 1))
+        self.td_block = nn.ModuleList(SeparableConvBlock(width) for _ in range(levels - 1))
+        # bottom-up: level i (> 0) fuses lateral_i, td_i (inner levels) and the finer output
+        self.bu_fuse = nn.ModuleList(WeightedFusion(3 if i < levels - 1 else 2)
+                                     for i in range(1, levels))
+        self.bu_block = nn.ModuleList(SeparableConvBlock(width) for _ in range(levels - 1))
+        self.pool_kind = pool
+        self.gdc_size = gdc_size
+        if pool == "gdc":
+            self.pool = nn.Sequential(
+                nn.Conv2d(width, width, gdc_size, groups=width, bias=False),
+                nn.BatchNorm2d(width))
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(width))
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(width, embedding_size, bias=False),
+                                   nn.BatchNorm1d(embedding_size))
+
+    def forward(self, maps: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Refined maps (same sizes as ``maps``) and the self-teacher's embedding."""
+        levels = len(maps)
+        lateral = [layer(x) for layer, x in zip(self.lateral, maps, strict=True)]
+        sizes = [tuple(x.shape[-2:]) for x in lateral]
+        top_down: list[Tensor] = [lateral[-1]] * levels
+        for i in range(levels - 2, -1, -1):
+            fused = self.td_fuse[i]([lateral[i], _resize(top_down[i + 1], sizes[i])])
+            top_down[i] = self.td_block[i](fused)
+        refined = [top_down[0]]
+        for i in range(1, levels):
+            inputs = [lateral[i]]
+            if i < levels - 1:
+                inputs.append(top_down[i])
+            inputs.append(_resize(refined[i - 1], sizes[i]))
+            refined.append(self.bu_block[i - 1](self.bu_fuse[i - 1](inputs)))
+        last = refined[-1]
+        if self.pool_kind == "gdc" and tuple(last.shape[-2:]) != (self.gdc_size,) * 2:
+            raise ConfigError(f"method.params.gdc_size: the last feature map is "
+                              f"{last.shape[-2]}x{last.shape[-1]}, not "
+                              f"{self.gdc_size}x{self.gdc_size} (set gdc_size or pool: avg)")
+        return refined, self.embed(self.pool(last))
+
+
+def attention_map(x: Tensor) -> Tensor:
+    """Zagoruyko's attention: L2-normalised spatial map of channel-mean squared activity."""
+    return F.normalize(x.float().pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_loss(student_maps: list[Tensor], refined_maps: list[Tensor]) -> Tensor:
+    """Sum over levels of the mean squared difference of attention maps (targets detached)."""
+    return sum((((attention_map(s) - attention_map(r.detach())) ** 2).mean()
+                for s, r in zip(student_maps, refined_maps, strict=True)),
+               torch.zeros((), device=student_maps[0].device))
+
+
+@register_method("frskd")
+class FRSKD(DistillMethod):
+    """Losses ``self_ce``, ``attention`` and ``soft``.
+
+    Default weights: self_ce 1, attention 100 (beta), soft 2 (alpha), as in the paper's
+    classification runs. ``soft`` is mean(1 - cos(student emb, self-teacher emb.detach()))
+    or, with soft_target: kd, KD_T between the student head's and the self-teacher
+    head's (detached) cosine logits.
+    """
+
+    Params = FRSKDParams
+    needs_teacher = False
+    needs_teacher_classifier = False
+    needs_features = True
+    default_weights: ClassVar[dict[str, float]] = {"self_ce": 1.0, "attention": 100.0, "soft": 2.0}
+
+    def __init__(self, *, student_dim: int, teacher_dim: int | None, num_classes: int,
+                 params: FRSKDParams, student_feature_channels: list[int] | None = None,
+                 ) -> None:
+        super().__init__(student_dim=student_dim, teacher_dim=teacher_dim,
+                         num_classes=num_classes, params=params,
+                         student_feature_channels=student_feature_channels)
+        if not student_feature_channels or len(student_feature_channels) < 2:
+            raise ConfigError("method 'frskd' needs at least two student feature maps "
+                              "(student_feature_channels, e.g. from feature_layers(model))")
+        from facekd.models.heads import create_head
+
+        self.self_teacher = SelfTeacher(list(student_feature_channels), params.width,
+                                        student_dim, pool=params.pool,
+                                        gdc_size=params.gdc_size)
+        self.head = create_head(params.head, student_dim, num_classes, scale=params.scale,
+                                margin=params.margin)
+
+    def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
+                labels: Tensor) -> dict[str, Tensor]:
+        maps = student.features
+        if len(maps) != len(self.student_feature_channels or []):
+            raise ConfigError(f"method 'frskd' expected {len(self.student_feature_channels)} "
+                              f"student feature maps, got {len(maps)}")
+        inputs = [m.detach() for m in maps] if self.params.detach_input else list(maps)
+        refined, self_emb = self.self_teacher(inputs)
+        rows = (labels >= 0).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            self_ce = F.cross_entropy(self.head(self_emb[rows], labels[rows]).float(),
+                                      labels[rows])
+        else:
+            self_ce = zero_loss(self_emb)
+        if self.params.soft_target == "kd":
+            if student.head is None:
+                raise ConfigError("method.params.soft_target: 'kd' needs the student's head")
+            target = self.head.cos_logits(self_emb.detach()).detach()
+            soft = kd_kl(student.head.cos_logits(student.embedding), target,
+                         self.params.temperature)
+        else:
+            soft = (1.0 - F.cosine_similarity(student.embedding.float(),
+                                              self_emb.detach().float(), dim=1)).mean()
+        return {"self_ce": self_ce, "attention": attention_loss(maps, refined), "soft": soft}

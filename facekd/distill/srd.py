@@ -1,0 +1,138 @@
+"""SRD: the student's representation judged by the teacher's frozen margin classifier.
+
+Yang et al., "Knowledge Distillation Meets Open-Set Semi-supervised Learning" (IJCV 2025)
+and "Knowledge distillation via softmax regression representation learning" (ICLR 2021).
+A connector maps the student into the teacher's space; its output goes through the
+teacher's class centres without margin (the *cross-network logits*) and is regressed
+onto the teacher's own logits with MSE on raw logits, plus a feature-matching term.
+Both terms use every row, labelled or not (label -1): each row's targets come from that
+row's own teacher embedding, never from another batch (the authors' separate-batch code
+reused the labelled teacher logits for unlabelled images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from facekd.distill.base import (
+    DistillMethod,
+    StudentOutput,
+    TeacherOutput,
+    register_method,
+)
+from facekd.distill.connectors import (
+    EmbeddingConnector,
+    FeatureConnector,
+    add_arc_margin,
+    positions_in,
+    sample_classes,
+    scaled_cos,
+    select_centres,
+)
+from facekd.errors import ConfigError
+
+
+@dataclass
+class SRDParams:
+    """SRD hyper-parameters; defaults follow the authors' SRD runs (beta = 1, no KL)."""
+
+    connector: Literal["embedding", "feature"] = "embedding"
+    feature_connector_relu: bool = True     # 1x1 conv + BN + ReLU, as in the authors' code
+    feature_loss: Literal["mse", "mse_normalised", "cosine"] = "mse"
+    num_negatives: int | None = None        # None: logits over all classes
+    margin_on_labelled: bool = False        # ablation: ArcFace margin on labelled rows
+    margin: float = 0.5                     # the teacher head's additive angular margin
+
+    def validate(self, path: str = "") -> None:
+        where = f"{path}." if path else ""
+        if self.num_negatives is not None and self.num_negatives < 0:
+            raise ConfigError(f"{where}num_negatives must be >= 0 or null, "
+                              f"got {self.num_negatives}")
+        if not 0.0 <= self.margin < 3.14159:
+            raise ConfigError(f"{where}margin must be in [0, pi) radians, got {self.margin}")
+
+
+@register_method("srd")
+class SRD(DistillMethod):
+    """Losses ``srd`` (MSE of cross-network vs teacher logits) and ``feat`` (feature term).
+
+    Default weights 1 and 1 (the authors' beta = 1 on both); the trainer adds ``ce``.
+    """
+
+    Params = SRDParams
+    needs_teacher = True
+    needs_teacher_classifier = True
+    needs_features = False
+    default_weights: ClassVar[dict[str, float]] = {"srd": 1.0, "feat": 1.0}
+
+    def __init__(self, *, student_dim: int, teacher_dim: int | None, num_classes: int,
+                 params: SRDParams, student_feature_channels: list[int] | None = None) -> None:
+        super().__init__(student_dim=student_dim, teacher_dim=teacher_dim,
+                         num_classes=num_classes, params=params,
+                         student_feature_channels=student_feature_channels)
+        if teacher_dim is None:
+            raise ConfigError("method 'srd' needs the teacher's embedding size (teacher_dim)")
+        if params.connector == "feature":
+            if not student_feature_channels:
+                raise ConfigError("method.params.connector: 'feature' needs the student's "
+                                  "feature-map channels (student_feature_channels)")
+            self.needs_features = True
+            self.connector = FeatureConnector(student_feature_channels[-1], teacher_dim,
+                                              relu=params.feature_connector_relu)
+        else:
+            self.connector = EmbeddingConnector(student_dim, teacher_dim)
+
+    def connect(self, student: StudentOutput) -> Tensor:
+        """The student's representation in the teacher's space: B x D_t."""
+        if self.params.connector == "feature":
+            if not student.features:
+                raise ConfigError("method 'srd' with connector 'feature' got no student "
+                                  "feature maps (set teacher/student feature layers)")
+            return self.connector(student.features[-1])
+        return self.connector(student.embedding)
+
+    def logits(self, connected: Tensor, teacher: TeacherOutput, labels: Tensor,
+               class_idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Cross-network and teacher logits over ``class_idx`` (all classes when None)."""
+        centres = select_centres(teacher.centres, class_idx)
+        scale = float(teacher.scale)
+        cross = scaled_cos(connected, centres, scale)
+        target = scaled_cos(teacher.embedding.detach(), centres, scale)
+        if self.params.margin_on_labelled:
+            rows = (labels >= 0).nonzero(as_tuple=True)[0]
+            columns = positions_in(class_idx, labels[rows])
+            cross = add_arc_margin(cross, columns, rows, scale, self.params.margin)
+            target = add_arc_margin(target, columns, rows, scale, self.params.margin)
+        return cross, target
+
+    def _labels_index_centres(self, teacher: TeacherOutput) -> bool:
+        # Batch labels name teacher classes only when both share one identity list.
+        return teacher.centres.shape[0] == self.num_classes
+
+    def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
+                labels: Tensor) -> dict[str, Tensor]:
+        teacher = self._require_teacher(teacher, centres=True)
+        num_centres = teacher.centres.shape[0]
+        shared = self._labels_index_centres(teacher)
+        if self.params.margin_on_labelled and not shared:
+            raise ConfigError(f"method.params.margin_on_labelled: the teacher has "
+                              f"{num_centres} classes but the student data has "
+                              f"{self.num_classes}; a margin needs shared labels")
+        # Positives only mean something when labels index the teacher's classes.
+        label_rows = labels if shared else labels.new_full(labels.shape, -1)
+        class_idx = sample_classes(label_rows, num_centres, self.params.num_negatives,
+                                   device=teacher.centres.device)
+        connected = self.connect(student).float()
+        cross, target = self.logits(connected, teacher, label_rows, class_idx)
+        t_emb = teacher.embedding.detach().float()
+        if self.params.feature_loss == "mse":
+            feat = F.mse_loss(connected, t_emb)
+        elif self.params.feature_loss == "mse_normalised":
+            feat = F.mse_loss(F.normalize(connected, dim=1), F.normalize(t_emb, dim=1))
+        else:
+            feat = (1.0 - F.cosine_similarity(connected, t_emb, dim=1)).mean()
+        return {"srd": F.mse_loss(cross, target), "feat": feat}
