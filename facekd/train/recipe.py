@@ -48,6 +48,7 @@ class TeacherConfig:
     arch: str | None = None               # registry name when the checkpoint is a bare state dict
     classifier: str | None = None         # class centres / Partial FC files for the teacher head
     cache: str | None = None              # teacher cache folder (facekd teacher cache)
+    unlabelled_cache: str | None = None   # teacher cache of data.unlabelled
     feature_layers: list[str] = field(default_factory=list)
 
 
@@ -67,7 +68,8 @@ class OptimConfig:
     epochs: int = 20
     warmup_epochs: float = 0.0
     schedule: Literal["poly", "cosine", "constant"] = "poly"
-    clip_grad: float | None = 5.0
+    poly_power: float = 2.0               # arcface_torch's PolyScheduler uses 2
+    clip_grad: float | None = 5.0         # max global grad norm; null: no clipping
 
 
 @dataclass
@@ -79,7 +81,13 @@ class RunConfig:
     save_every: int = 1000                # steps between checkpoints
     eval_every: int = 0                   # steps between .bin evaluations (0: per epoch)
     log_every: int = 20
-    max_steps: int | None = None          # stop early (tests, smoke runs)
+    max_steps: int | None = None          # stop early (tests, smoke runs); schedule unchanged
+    keep_checkpoints: int = 2             # newest training checkpoints kept (0: all)
+    resume: bool = True                   # continue from output/checkpoints if present
+    sync_bn: bool = True                  # SyncBatchNorm under multi-GPU DDP (CUDA only)
+    tensorboard: bool = True
+    progress: bool = True                 # tqdm bar (rank 0)
+    eval_batch_size: int = 64
 
 
 @dataclass
@@ -97,6 +105,33 @@ class Recipe:
         if not 0.0 < self.student.head.sample_rate <= 1.0:
             raise ConfigError("student.head.sample_rate must be in (0, 1], "
                               f"got {self.student.head.sample_rate}")
+        positive = {"optim.epochs": self.optim.epochs, "optim.lr": self.optim.lr,
+                    "student.embedding_size": self.student.embedding_size,
+                    "run.log_every": self.run.log_every,
+                    "run.eval_batch_size": self.run.eval_batch_size}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        non_negative = {"optim.warmup_epochs": self.optim.warmup_epochs,
+                        "optim.weight_decay": self.optim.weight_decay,
+                        "run.save_every": self.run.save_every,
+                        "run.eval_every": self.run.eval_every,
+                        "data.num_workers": self.data.num_workers,
+                        "data.unlabelled_batch_size": self.data.unlabelled_batch_size,
+                        "run.keep_checkpoints": self.run.keep_checkpoints}
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key} must not be negative, got {value}")
+        if self.optim.warmup_epochs > self.optim.epochs:
+            raise ConfigError(f"optim.warmup_epochs ({self.optim.warmup_epochs}) exceeds "
+                              f"optim.epochs ({self.optim.epochs})")
+        if self.run.max_steps is not None and self.run.max_steps <= 0:
+            raise ConfigError(f"run.max_steps must be positive or null, got {self.run.max_steps}")
+        if self.optim.clip_grad is not None and self.optim.clip_grad <= 0:
+            raise ConfigError(f"optim.clip_grad must be positive or null, "
+                              f"got {self.optim.clip_grad}")
+        if self.teacher.unlabelled_cache and not self.data.unlabelled:
+            raise ConfigError("teacher.unlabelled_cache is set but data.unlabelled is not")
 
 
 def load_recipe(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

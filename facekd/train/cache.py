@@ -1,0 +1,277 @@
+"""Teacher cache: the teacher's embedding of every training image and of its mirror image.
+
+Horizontal flip is the only augmentation in face-recognition training, so a frozen teacher
+sees exactly two versions of each sample; running it once per version and storing the
+embeddings makes distillation cost close to training the student alone. Margin-free
+teacher logits are ``scale * normalise(emb) @ centres.T``, so storing the embedding plus
+the (small, C x D) centre matrix gives exact logits over any class subset a method samples.
+
+Layout of a cache folder::
+
+    meta.json      format, teacher hash, source, sizes, dtype, scale, complete flag
+    keys.npy       int64 (N,), sorted sample keys
+    emb.npy        (N, 2, D) float16/float32; [:, 0] the image, [:, 1] its mirror
+    centres.npy    float32 (C, D) normalised teacher class centres (when the teacher has them)
+
+The build writes chunks of batches under ``chunks/`` with the loader state after each
+chunk, so a killed build resumes where it stopped; the final arrays are written
+atomically and the chunks removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facekd.errors import ConfigError, DataError
+from facekd.fileio import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "facekd-teacher-cache"
+CACHE_VERSION = 1
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (not a facekd teacher cache?)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc.msg})") from None
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
+
+
+@dataclass
+class CacheLookup:
+    """Teacher outputs for one batch, read from the cache."""
+
+    embedding: torch.Tensor              # (B, D) float32
+    centres: torch.Tensor | None
+    scale: float
+
+
+class TeacherCache:
+    """Read side: memory-mapped embeddings looked up by (sample key, flipped)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        meta = _load_json(self.folder / "meta.json")
+        if meta.get("format") != CACHE_FORMAT:
+            raise DataError(f"{self.folder / 'meta.json'}: format is {meta.get('format')!r}, "
+                            f"expected {CACHE_FORMAT!r}")
+        if not meta.get("complete"):
+            raise DataError(f"{self.folder}: teacher cache is incomplete; rerun "
+                            "'facekd teacher cache' to finish it")
+        self.meta = meta
+        try:
+            self.keys = np.load(self.folder / "keys.npy", mmap_mode="r")
+            self.emb = np.load(self.folder / "emb.npy", mmap_mode="r")
+        except FileNotFoundError as exc:
+            raise DataError(f"{exc.filename}: missing from the teacher cache") from None
+        except ValueError as exc:
+            raise DataError(f"{self.folder}: unreadable cache array ({exc})") from None
+        if self.emb.ndim != 3 or self.emb.shape[1] != 2 or self.emb.shape[0] != len(self.keys):
+            raise DataError(f"{self.folder / 'emb.npy'}: shape {self.emb.shape} does not match "
+                            f"{len(self.keys)} keys x 2 x dim")
+        self.dim = int(self.emb.shape[2])
+        self.scale = float(meta.get("scale") or 64.0)
+        self.centres: torch.Tensor | None = None
+        centres_path = self.folder / "centres.npy"
+        if centres_path.exists():
+            centres = np.load(centres_path, allow_pickle=False)
+            if centres.ndim != 2 or centres.shape[1] != self.dim:
+                raise DataError(f"{centres_path}: shape {centres.shape}, expected (C, {self.dim})")
+            self.centres = torch.from_numpy(np.ascontiguousarray(centres, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """Row index of each sample key; a key the cache lacks is a DataError naming it."""
+        keys = np.asarray(keys, dtype=np.int64)
+        idx = np.searchsorted(self.keys, keys)
+        idx_clipped = np.minimum(idx, len(self.keys) - 1)
+        found = (idx < len(self.keys)) & (np.asarray(self.keys[idx_clipped]) == keys)
+        if not found.all():
+            missing = int(keys[~found][0])
+            raise DataError(f"{self.folder}: sample key {missing} is not in the teacher cache "
+                            f"(built from {self.meta.get('source')!r}); rebuild it for this data")
+        return idx_clipped
+
+    def lookup(self, keys: np.ndarray | torch.Tensor, flipped: np.ndarray | torch.Tensor,
+               device: torch.device | str = "cpu") -> CacheLookup:
+        if isinstance(keys, torch.Tensor):
+            keys = keys.cpu().numpy()
+        if isinstance(flipped, torch.Tensor):
+            flipped = flipped.cpu().numpy()
+        rows = self.rows(keys)
+        view = np.asarray(flipped, dtype=bool).astype(np.int64)
+        emb = np.asarray(self.emb[rows, view], dtype=np.float32)
+        centres = self.centres.to(device) if self.centres is not None else None
+        return CacheLookup(torch.from_numpy(emb).to(device), centres, self.scale)
+
+
+def open_cache(folder: str | Path) -> TeacherCache:
+    return TeacherCache(folder)
+
+
+def _teacher_sha(spec: str) -> str | None:
+    from facekd.fileio import sha256_file
+
+    path = Path(spec)
+    return sha256_file(path) if path.is_file() else None
+
+
+def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
+                        arch: str | None = None, classifier: str | None = None,
+                        batch_size: int = 64, dtype: str = "float16",
+                        device: str | None = None, num_workers: int = 0,
+                        chunk_batches: int = 50, teacher: Any = None,
+                        progress: bool = True) -> Path:
+    """Run the teacher over every sample of ``source`` (image and mirror); resumable.
+
+    ``teacher`` may be an already loaded teacher object (tests, the trainer); otherwise
+    ``teacher_spec`` is loaded with :func:`facekd.models.teacher.load_teacher`.
+    """
+    from tqdm import tqdm
+
+    from facekd.data.loader import build_train_loader
+    from facekd.logs import add_file_log
+
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
+    if batch_size <= 0 or chunk_batches <= 0:
+        raise ConfigError("batch size and chunk size must be positive")
+    out = Path(out)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        meta = _load_json(meta_path)
+        if meta.get("complete"):
+            log.info("teacher cache %s is already complete", out)
+            return out
+    chunks_dir = out / "chunks"
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+    handler = add_file_log(out / "cache.log")
+    try:
+        if teacher is None:
+            from facekd.models.teacher import load_teacher
+
+            teacher = load_teacher(teacher_spec, arch=arch, classifier=classifier, device=device)
+        teacher_sha = _teacher_sha(teacher_spec) if teacher_spec else None
+        settings = {"teacher": str(teacher_spec), "teacher_sha256": teacher_sha,
+                    "source": str(source), "dtype": dtype, "batch_size": batch_size,
+                    "chunk_batches": chunk_batches}
+        progress_path = chunks_dir / "progress.json"
+        state: dict[str, Any] = {"settings": settings, "chunks": 0, "loader": None}
+        if progress_path.exists():
+            state = _load_json(progress_path)
+            if state.get("settings") != settings:
+                raise ConfigError(f"{out}: an unfinished cache with different settings is "
+                                  f"there ({state.get('settings')}); remove it or use another OUT")
+        loader = build_train_loader(source, batch_size, seed=0, epoch=0, flip=False,
+                                    drop_last=False, labelled=True, num_workers=num_workers)
+        total_batches = len(loader)
+        if state["loader"] is not None:
+            loader.load_state_dict(state["loader"])
+            log.info("resuming teacher cache at chunk %d", state["chunks"])
+        np_dtype = np.float16 if dtype == "float16" else np.float32
+        bar = tqdm(total=total_batches, initial=min(total_batches,
+                                                    state["chunks"] * chunk_batches),
+                   desc="teacher cache", unit="batch", disable=not progress)
+        keys_buf: list[np.ndarray] = []
+        emb_buf: list[np.ndarray] = []
+
+        def flush() -> None:
+            if not keys_buf:
+                return
+            index = state["chunks"]
+            np.savez(chunks_dir / f".tmp-chunk-{index:06d}.npz",
+                     keys=np.concatenate(keys_buf), emb=np.concatenate(emb_buf))
+            (chunks_dir / f".tmp-chunk-{index:06d}.npz").replace(
+                chunks_dir / f"chunk-{index:06d}.npz")
+            keys_buf.clear()
+            emb_buf.clear()
+            state["chunks"] = index + 1
+            state["loader"] = loader.state_dict()
+            write_json_atomic(progress_path, state)
+
+        with torch.inference_mode():
+            for batch in loader:
+                images = batch["image"]
+                both = torch.cat([images, images.flip(3)])
+                emb = teacher.embed(both)
+                emb = emb.detach().float().cpu().numpy() if isinstance(emb, torch.Tensor) \
+                    else np.asarray(emb, dtype=np.float32)
+                n = images.shape[0]
+                pair = np.stack([emb[:n], emb[n:]], axis=1).astype(np_dtype)
+                keys_buf.append(batch["key"].cpu().numpy().astype(np.int64))
+                emb_buf.append(pair)
+                bar.update(1)
+                if len(keys_buf) >= chunk_batches:
+                    flush()
+            flush()
+        bar.close()
+        centres = getattr(teacher, "centres", None)
+        _finalise(out, chunks_dir, state["chunks"], np_dtype, settings,
+                  centres, float(getattr(teacher, "scale", 64.0) or 64.0))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    return out
+
+
+def _finalise(out: Path, chunks_dir: Path, n_chunks: int, np_dtype: type,
+              settings: dict[str, Any], centres: Any, scale: float) -> None:
+    """Merge chunks into sorted keys.npy / emb.npy, write centres and meta (complete)."""
+    key_parts, counts, dim = [], [], None
+    for i in range(n_chunks):
+        with np.load(chunks_dir / f"chunk-{i:06d}.npz") as z:
+            key_parts.append(z["keys"])
+            counts.append(len(z["keys"]))
+            dim = int(z["emb"].shape[2])
+    if not key_parts or dim is None:
+        raise DataError(f"{settings['source']}: no samples to cache")
+    keys = np.concatenate(key_parts)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    dup = np.flatnonzero(np.diff(sorted_keys) == 0)
+    if dup.size:
+        raise DataError(f"{settings['source']}: sample key {int(sorted_keys[dup[0]])} occurs "
+                        "twice; keys must be unique to cache teacher outputs")
+    dest_row = np.empty_like(order)
+    dest_row[order] = np.arange(len(order))
+    with atomic_path(out / "emb.npy", suffix=".npy") as tmp:
+        emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype,
+                                        shape=(len(keys), 2, dim))
+        start = 0
+        for i, count in enumerate(counts):
+            with np.load(chunks_dir / f"chunk-{i:06d}.npz") as z:
+                emb[dest_row[start:start + count]] = z["emb"]
+            start += count
+        emb.flush()
+        del emb
+    _save_npy(out / "keys.npy", sorted_keys)
+    has_centres = centres is not None
+    if has_centres:
+        c = centres.detach().float().cpu().numpy() if isinstance(centres, torch.Tensor) \
+            else np.asarray(centres, dtype=np.float32)
+        _save_npy(out / "centres.npy", np.ascontiguousarray(c, dtype=np.float32))
+    meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **settings,
+            "num_samples": len(keys), "dim": dim, "scale": scale,
+            "num_centres": int(centres.shape[0]) if has_centres else 0, "complete": True}
+    write_json_atomic(out / "meta.json", meta)
+    shutil.rmtree(chunks_dir, ignore_errors=True)
+    log.info("teacher cache %s: %d samples x 2 views, dim %d, %s", out, len(keys), dim,
+             np.dtype(np_dtype).name)

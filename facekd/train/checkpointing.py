@@ -1,0 +1,111 @@
+"""Resume state of a training run: one file per checkpoint, written atomically.
+
+A training checkpoint holds everything needed to continue bit-for-bit after a kill:
+student, head (the full class-centre matrix, never per-rank shards, so a run can resume
+at another world size), method (connectors, self-teacher), optimiser, schedule, loader
+position, RNG states of every rank and the step counter. Loading uses
+``torch.load(weights_only=True)``: RNG states are stored as tensors and plain tuples.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facekd.errors import CheckpointError
+from facekd.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "facekd-train-state"
+STATE_VERSION = 1
+_NAME = re.compile(r"^step-(\d{8,})\.pt$")
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states in a weights_only-loadable form."""
+    kind, mt, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "mt": torch.from_numpy(np.asarray(mt, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst["kind"], npst["mt"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Training checkpoints of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_state(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``checkpoints/step-XXXXXXXX.pt`` atomically; keep only the newest ``keep``."""
+    path = checkpoint_dir(run_dir) / f"step-{step:08d}.pt"
+    payload = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, **state}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint safely (weights_only) and check its format."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # truncated file, foreign pickle, ...
+        raise CheckpointError(f"{path}: cannot load training checkpoint "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a facekd training checkpoint (format {found!r})")
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: training checkpoint version {state.get('version')} "
+                              f"is not supported (expected {STATE_VERSION})")
+    return state

@@ -1,0 +1,719 @@
+"""The training loop: student (+ margin head) + distillation method + teacher (live or cached).
+
+``train(recipe)`` composes the stages: the loader (``facekd.data``), the backbone, heads
+and teachers (``facekd.models``) and one loss module (``facekd.distill``). It owns what
+the stages must not: devices, DDP, AMP, the optimiser and schedule, checkpoints that
+resume after a kill (also at another world size), logs and the run folder::
+
+    OUT/recipe.yaml  train.log  metrics.csv  tb/  checkpoints/step-*.pt
+        student.pt (backbone only, facekd checkpoint)  full.pt (+ head, method)  summary.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facekd.errors import ConfigError
+from facekd.train import checkpointing as ckpt
+from facekd.train.ddp import (
+    DistInfo,
+    all_reduce_grads,
+    barrier,
+    gather_objects,
+    init_distributed,
+    mean_scalar,
+    shutdown,
+)
+from facekd.train.recipe import Recipe
+from facekd.train.schedule import StepSchedule
+
+log = logging.getLogger(__name__)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class StudentEmbedder:
+    """The student as an evaluation embedder (NCHW float in [-1, 1] -> numpy embeddings)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, name: str = "student") -> None:
+        self.model = model
+        self.device = device
+        self.name = name
+        self.sha256 = ""
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(batch, dtype=np.float32)) \
+            if not isinstance(batch, torch.Tensor) else batch.float()
+        with torch.no_grad():
+            return self.model(x.to(self.device)).float().cpu().numpy()
+
+
+class MetricsLog:
+    """metrics.csv (columns grow as new loss names appear) + optional TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                self.rows = list(csv.DictReader(f))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                log.warning("tensorboard is not installed; scalars go to metrics.csv only")
+
+    def drop_after(self, step: int) -> None:
+        """Forget rows logged after ``step`` (a resumed run repeats those steps)."""
+        self.rows = [r for r in self.rows if int(float(r.get("step", 0))) <= step]
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **values}
+        self.rows.append(row)
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        from facekd.fileio import atomic_path
+
+        columns: list[str] = []
+        for row in self.rows:
+            columns.extend(k for k in row if k not in columns)
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _Cycle:
+    """Endless iteration over a secondary (unlabelled) loader, advancing its own epoch."""
+
+    def __init__(self, loader: Any, epoch: int = 0, mid_epoch: bool = False) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self._iter: Iterator[dict[str, Any]] | None = None
+        if not mid_epoch:
+            loader.set_epoch(epoch)
+
+    def __next__(self) -> dict[str, Any]:
+        for attempt in range(2):
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+                if attempt:
+                    break
+                self.epoch += 1
+                self.loader.set_epoch(self.epoch)
+        raise ConfigError("data.unlabelled: the unlabelled source yields no batch "
+                          "(fewer samples than one batch?)")
+
+
+class Trainer:
+    """One training run; ``Trainer(recipe).run()`` returns the run folder."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.out = Path(recipe.run.output)
+        self.dist = DistInfo()
+        self.device = torch.device("cpu")
+        self._owns_group = False
+        self._log_handler: logging.Handler | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        import torch.distributed as dist
+
+        r = self.recipe
+        already = dist.is_available() and dist.is_initialized()
+        self.dist, self.device = init_distributed(r.run.device)
+        self._owns_group = self.dist.enabled and not already
+        if self.dist.is_main:
+            from facekd.config import save_config
+            from facekd.logs import add_file_log
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(r, self.out / "recipe.yaml")
+            self._log_handler = add_file_log(self.out / "train.log")
+        barrier(self.dist)
+        self.seed = r.run.seed
+        ckpt.seed_everything(self.seed + self.dist.rank)
+        self.amp = bool(r.run.amp and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        log.info("rank %d/%d on %s, seed %d, amp %s", self.dist.rank, self.dist.world_size,
+                 self.device, self.seed, self.amp)
+        self._build_data()
+        self._build_method_class()
+        self._build_teacher()
+        self._build_student()
+        self._build_method()
+        self._build_head()
+        self._build_optimizer()
+
+    def _build_data(self) -> None:
+        from facekd.data.loader import build_train_loader
+
+        r = self.recipe
+        if not r.data.train:
+            raise ConfigError("data.train: no training data given (a shards folder or a "
+                              ".rec dataset folder)")
+        common = dict(seed=r.run.seed, epoch=0, rank=self.dist.rank,
+                      world_size=self.dist.world_size, num_workers=r.data.num_workers,
+                      flip=r.data.flip, drop_last=True)
+        self.loader = build_train_loader(r.data.train, r.data.batch_size, labelled=True,
+                                         **common)
+        self.num_classes = int(self.loader.num_classes)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch <= 0:
+            raise ConfigError(f"data.train: {r.data.train} has fewer samples than one global "
+                              f"batch ({r.data.batch_size} x {self.dist.world_size})")
+        self.unlabelled_loader = None
+        if r.data.unlabelled:
+            size = r.data.unlabelled_batch_size or r.data.batch_size
+            self.unlabelled_loader = build_train_loader(r.data.unlabelled, size,
+                                                        labelled=False, **common)
+        self.total_steps = r.optim.epochs * self.steps_per_epoch
+        self.warmup_steps = round(r.optim.warmup_epochs * self.steps_per_epoch)
+
+    def _build_method_class(self) -> None:
+        from facekd.distill import get_method_class
+
+        self.method_cls = get_method_class(self.recipe.method.name)
+
+    def _build_teacher(self) -> None:
+        """Live teacher or cache, only when the method asks for one."""
+        r = self.recipe
+        self.teacher = None
+        self.cache = None
+        self.unlabelled_cache = None
+        self.teacher_dim: int | None = None
+        self.teacher_feature_layers = list(r.teacher.feature_layers)
+        if not self.method_cls.needs_teacher:
+            return
+        if r.teacher.cache:
+            from facekd.train.cache import open_cache
+
+            if self.teacher_feature_layers:
+                raise ConfigError("teacher.feature_layers cannot be read from a teacher cache "
+                                  "(it stores embeddings only); unset teacher.cache")
+            self.cache = open_cache(r.teacher.cache)
+            self.teacher_dim = self.cache.dim
+            if self.unlabelled_loader is not None:
+                if not r.teacher.unlabelled_cache:
+                    raise ConfigError("teacher.cache is set and data.unlabelled is used: give "
+                                      "teacher.unlabelled_cache too (a cache of that source)")
+                self.unlabelled_cache = open_cache(r.teacher.unlabelled_cache)
+                if self.unlabelled_cache.dim != self.cache.dim:
+                    raise ConfigError("teacher.unlabelled_cache has embedding size "
+                                      f"{self.unlabelled_cache.dim}, teacher.cache "
+                                      f"{self.cache.dim}")
+            centres = self.cache.centres
+        elif r.teacher.checkpoint:
+            from facekd.models.teacher import load_teacher
+
+            self.teacher = load_teacher(r.teacher.checkpoint, arch=r.teacher.arch,
+                                        classifier=r.teacher.classifier, device=self.device,
+                                        feature_layers=tuple(self.teacher_feature_layers))
+            with torch.no_grad():
+                probe = torch.zeros(2, 3, 112, 112, device=self.device)
+                self.teacher_dim = int(self.teacher.embed(probe).shape[1])
+            centres = self.teacher.centres
+        else:
+            raise ConfigError(f"method '{r.method.name}' needs a teacher: set "
+                              "teacher.checkpoint (or teacher.cache from 'facekd teacher cache')")
+        if self.method_cls.needs_teacher_classifier and centres is None:
+            where = r.teacher.cache or r.teacher.checkpoint
+            raise ConfigError(f"method '{r.method.name}' needs the teacher's classifier but "
+                              f"{where} has no class centres and teacher.classifier is unset; "
+                              "run 'facekd teacher centres TEACHER DATA OUT' and set "
+                              "teacher.classifier: OUT")
+        self.teacher_centres = centres.to(self.device) if centres is not None else None
+
+    def _build_student(self) -> None:
+        from facekd.models import create_model
+
+        r = self.recipe
+        kwargs = dict(r.student.kwargs)
+        kwargs.setdefault("num_features", r.student.embedding_size)
+        self.arch_kwargs = kwargs
+        self.student = create_model(r.student.arch, **kwargs).to(self.device)
+        self.feature_layer_names: list[str] = []
+        self.feature_channels: list[int] | None = None
+        try:
+            from facekd.models.registry import feature_channels, feature_layers
+
+            self.feature_layer_names = feature_layers(self.student)
+            self.feature_channels = feature_channels(self.student, self.feature_layer_names)
+        except Exception as exc:  # a backbone without multi-scale stages
+            if self.method_cls.needs_features:
+                raise ConfigError(f"method '{r.method.name}' needs student feature maps but "
+                                  f"student.arch '{r.student.arch}' exposes none ({exc})") from None
+        self.hooks = None
+
+    def _build_method(self) -> None:
+        from facekd.distill import create_method, resolve_weights
+
+        r = self.recipe
+        self.method = create_method(
+            r.method.name, student_dim=r.student.embedding_size, teacher_dim=self.teacher_dim,
+            num_classes=self.num_classes, params=r.method.params,
+            student_feature_channels=self.feature_channels).to(self.device)
+        self.weights = resolve_weights(self.method, r.method.weights)
+        if getattr(self.method, "needs_features", False):
+            from facekd.models.hooks import FeatureHooks
+
+            self.hooks = FeatureHooks(self.student, self.feature_layer_names)
+
+    def _build_head(self) -> None:
+        r = self.recipe
+        h = r.student.head
+        self.partial_fc = h.sample_rate < 1.0 or self.dist.world_size > 1
+        if self.partial_fc:
+            from facekd.models.partial_fc import PartialFC
+
+            self.head = PartialFC(
+                embedding_size=r.student.embedding_size, num_classes=self.num_classes,
+                sample_rate=h.sample_rate, kind=h.type, scale=h.scale, margin=h.margin,
+                m1=h.m1, m2=h.m2, m3=h.m3, rank=self.dist.rank,
+                world_size=self.dist.world_size).to(self.device)
+        else:
+            from facekd.models.heads import create_head
+
+            self.head = create_head(h.type, r.student.embedding_size, self.num_classes,
+                                    scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2,
+                                    m3=h.m3).to(self.device)
+        if self.dist.enabled:
+            if self.device.type == "cuda" and r.run.sync_bn:
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student_ddp: nn.Module = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.student_ddp = self.student
+
+    def _build_optimizer(self) -> None:
+        r = self.recipe
+        params = [p for module in (self.student, self.head, self.method)
+                  for p in module.parameters() if p.requires_grad]
+        self.trainable = params
+        head_ids = {id(p) for p in self.head.parameters()}
+        self.head_index = {i for i, p in enumerate(params) if id(p) in head_ids}
+        self.replicated = [p for p in self.method.parameters() if p.requires_grad]
+        if not self.partial_fc:
+            self.replicated += [p for p in self.head.parameters() if p.requires_grad]
+        # Clipped like arcface_torch (backbone only) plus the method's parts: these are
+        # identical on every rank, so the clip factor is too (the head may be sharded).
+        self.clipped = [p for module in (self.student, self.method)
+                        for p in module.parameters() if p.requires_grad]
+        self.unlabelled_iter: _Cycle | None = None
+        o = r.optim
+        if o.name == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.schedule = StepSchedule(self.optimizer, self.total_steps, self.warmup_steps,
+                                     o.schedule, power=o.poly_power)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    # ------------------------------------------------------------------ state
+    def _head_state(self) -> dict[str, Any]:
+        """The full head (all class centres), whatever the world size."""
+        full = getattr(self.head, "full_state_dict", None)
+        return full() if callable(full) else self.head.state_dict()
+
+    def _load_head_state(self, state: dict[str, Any]) -> None:
+        load_full = getattr(self.head, "load_full_state_dict", None)
+        if callable(load_full):
+            load_full(state)
+        else:
+            self.head.load_state_dict(state)
+
+    def state(self, step: int, epoch: int, in_epoch: int) -> dict[str, Any] | None:
+        """The resume state (collective: every rank must call it); None on other ranks."""
+        head_state = self._head_state()
+        opt_state = self.optimizer.state_dict()
+        # Optimiser slots of the head rows a rank holds are per rank (Partial FC shards);
+        # they travel with the rank, the replicated rest is saved once.
+        head_slots = {k: v for k, v in opt_state["state"].items() if k in self.head_index}
+        opt_state = {"state": {k: v for k, v in opt_state["state"].items()
+                               if k not in self.head_index},
+                     "param_groups": opt_state["param_groups"]}
+        unl = self.unlabelled_iter
+        per_rank = gather_objects({"rng": ckpt.capture_rng(),
+                                   "loader": self.loader.state_dict(),
+                                   "unlabelled_loader": (self.unlabelled_loader.state_dict()
+                                                         if self.unlabelled_loader else None),
+                                   "unlabelled_epoch": unl.epoch if unl is not None else 0,
+                                   "head_slots": head_slots},
+                                  self.dist)
+        if not self.dist.is_main:
+            return None
+        return {
+            "epoch": epoch, "in_epoch": in_epoch, "world_size": self.dist.world_size,
+            "student": _unwrap(self.student_ddp).state_dict(),
+            "head": head_state,
+            "method": self.method.state_dict(),
+            "optimizer": opt_state,
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ranks": per_rank,
+            "seed": self.seed,
+            "arch": self.recipe.student.arch,
+        }
+
+    def save(self, step: int, epoch: int, in_epoch: int) -> None:
+        state = self.state(step, epoch, in_epoch)
+        if state is not None:
+            path = ckpt.save_state(self.out, step, state, keep=self.recipe.run.keep_checkpoints)
+            log.info("checkpoint %s", path)
+        barrier(self.dist)
+
+    def try_resume(self) -> tuple[int, int, bool]:
+        """Load the latest checkpoint of the run folder: (step, epoch, mid_epoch)."""
+        if not self.recipe.run.resume:
+            return 0, 0, False
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            return 0, 0, False
+        state = ckpt.load_state(path, map_location=self.device)
+        if state.get("arch") != self.recipe.student.arch:
+            from facekd.errors import CheckpointError
+
+            raise CheckpointError(f"{path}: was trained with student.arch "
+                                  f"'{state.get('arch')}', the recipe says "
+                                  f"'{self.recipe.student.arch}'; use a new run.output")
+        _unwrap(self.student_ddp).load_state_dict(state["student"])
+        self._load_head_state(state["head"])
+        self.method.load_state_dict(state["method"])
+        saved_opt = state["optimizer"]
+        ranks = state["ranks"]
+        same_world = state["world_size"] == self.dist.world_size
+        slots = dict(saved_opt["state"])
+        if same_world:
+            slots.update(ranks[self.dist.rank]["head_slots"])
+        elif not self.partial_fc and ranks[0]["head_slots"]:
+            slots.update(ranks[0]["head_slots"])  # a full head: rank 0 held all of it
+        else:
+            log.warning("world size changed (%d -> %d): the head's optimiser slots restart",
+                        state["world_size"], self.dist.world_size)
+        self.optimizer.load_state_dict({"state": slots,
+                                        "param_groups": saved_opt["param_groups"]})
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        step, epoch = int(state["step"]), int(state["epoch"])
+        mid_epoch = bool(state["in_epoch"])
+        self.unlabelled_state = None
+        if same_world:
+            mine = ranks[self.dist.rank]
+            ckpt.restore_rng(mine["rng"])
+            if mid_epoch:
+                self.loader.load_state_dict(mine["loader"])
+            if self.unlabelled_loader is not None and mine["unlabelled_loader"] is not None:
+                self.unlabelled_loader.load_state_dict(mine["unlabelled_loader"])
+                self.unlabelled_state = int(mine["unlabelled_epoch"])
+        else:
+            # Another world size: shards of the data differ, so the epoch's position
+            # cannot be carried over sample-exactly. Continue at the next epoch boundary
+            # with the saved step (the schedule is a function of it) and fresh RNG.
+            ckpt.seed_everything(self.seed + 1_000_003 * step + self.dist.rank)
+            if mid_epoch:
+                log.warning("resuming a run saved at world size %d on %d processes: "
+                            "continuing at the start of epoch %d", state["world_size"],
+                            self.dist.world_size, epoch + 1)
+                epoch += 1
+                mid_epoch = False
+        log.info("resumed from %s at step %d (epoch %d)", path, step, epoch)
+        self.resumed_from = str(path)
+        return step, epoch, mid_epoch
+
+    # ------------------------------------------------------------------ one step
+    def teacher_output(self, images: torch.Tensor, keys: torch.Tensor, flipped: torch.Tensor,
+                       n_labelled: int) -> Any:
+        from facekd.distill import TeacherOutput
+
+        if self.cache is not None:
+            parts = [self.cache.lookup(keys[:n_labelled], flipped[:n_labelled], self.device)]
+            if n_labelled < len(keys):
+                parts.append(self.unlabelled_cache.lookup(keys[n_labelled:],
+                                                          flipped[n_labelled:], self.device))
+            emb = torch.cat([p.embedding for p in parts]) if len(parts) > 1 \
+                else parts[0].embedding
+            return TeacherOutput(embedding=emb, centres=self.teacher_centres,
+                                 scale=self.cache.scale, features=[])
+        if self.teacher is not None:
+            with torch.no_grad():
+                emb = self.teacher.embed(images)
+                feats = [self.teacher.features[n] for n in self.teacher_feature_layers]
+            return TeacherOutput(embedding=emb.float(), centres=self.teacher_centres,
+                                 scale=float(self.teacher.scale), features=feats)
+        return None
+
+    def student_ce(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.partial_fc:
+            return self.head(emb, labels)
+        logits = self.head(emb, labels)
+        return F.cross_entropy(logits.float(), labels)
+
+    def train_step(self, batch: dict[str, Any], unlabelled: dict[str, Any] | None
+                   ) -> dict[str, float]:
+        from facekd.distill import StudentOutput
+
+        dev = self.device
+        images = batch["image"].to(dev, non_blocking=True)
+        labels = batch["label"].to(dev, non_blocking=True).long()
+        keys, flipped = batch["key"], batch["flipped"]
+        n_labelled = images.shape[0]
+        if unlabelled is not None:
+            images = torch.cat([images, unlabelled["image"].to(dev, non_blocking=True)])
+            labels = torch.cat([labels, torch.full((unlabelled["image"].shape[0],), -1,
+                                                   dtype=torch.long, device=dev)])
+            keys = torch.cat([torch.as_tensor(keys), torch.as_tensor(unlabelled["key"])])
+            flipped = torch.cat([torch.as_tensor(flipped),
+                                 torch.as_tensor(unlabelled["flipped"])])
+        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
+            emb = self.student_ddp(images)
+            feats = self.hooks.ordered() if self.hooks is not None else []
+            teacher = self.teacher_output(images, keys, flipped, n_labelled)
+            terms = self.method(StudentOutput(embedding=emb, features=feats, head=self.head),
+                                teacher, labels)
+            ce = self.student_ce(emb[:n_labelled], labels[:n_labelled])
+        total = self.weights.get("ce", 1.0) * ce.float()
+        for name, value in terms.items():
+            weight = self.weights.get(name, 1.0)
+            if weight:
+                total = total + weight * value.float()
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss is {total.item()} (terms: "
+                                     f"{ {k: float(v) for k, v in terms.items()} })")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        all_reduce_grads(self.replicated, self.dist)
+        grad_norm = float("nan")
+        if self.recipe.optim.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(nn.utils.clip_grad_norm_(self.clipped,
+                                                       self.recipe.optim.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        out = {"loss": float(total.detach()), "ce": float(ce.detach())}
+        out.update({name: float(v.detach()) for name, v in terms.items()})
+        out["grad_norm"] = grad_norm
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Verification accuracy on data.val_bins (rank 0; the others wait)."""
+        results: dict[str, float] = {}
+        bins = self.recipe.data.val_bins
+        if not bins:
+            return results
+        if self.dist.is_main:
+            try:
+                from facekd.evaluate import evaluate_bin
+            except ImportError:
+                log.warning("facekd.evaluate.evaluate_bin is not available; "
+                            "skipping verification")
+                evaluate_bin = None
+            if evaluate_bin is not None:
+                model = _unwrap(self.student_ddp)
+                model.eval()
+                try:
+                    embedder = StudentEmbedder(model, self.device)
+                    for path in bins:
+                        res = evaluate_bin(embedder, path,
+                                           batch_size=self.recipe.run.eval_batch_size)
+                        name = Path(path).stem
+                        results[f"val/{name}/acc"] = float(res["acc_mean"])
+                        log.info("step %d %s: acc %.4f +- %.4f", step, name,
+                                 res["acc_mean"], res.get("acc_std", 0.0))
+                finally:
+                    model.train()
+        barrier(self.dist)
+        return results
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        r = self.recipe
+        self.resumed_from = None
+        self.unlabelled_state = None
+        step, epoch, mid_epoch = self.try_resume()
+        start_step = step
+        stop_at = self.total_steps if r.run.max_steps is None \
+            else min(self.total_steps, r.run.max_steps)
+        metrics = MetricsLog(self.out, r.run.tensorboard) if self.dist.is_main else None
+        if metrics is not None:
+            metrics.drop_after(step)
+        global_batch = r.data.batch_size * self.dist.world_size
+        bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True,
+                   desc="distill", disable=not (r.run.progress and self.dist.is_main))
+        if self.unlabelled_loader is not None:
+            resumed = self.unlabelled_state is not None
+            self.unlabelled_iter = _Cycle(self.unlabelled_loader,
+                                          self.unlabelled_state if resumed else epoch,
+                                          mid_epoch=resumed)
+        last: dict[str, float] = {}
+        eval_results: dict[str, float] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        t_start = time.perf_counter()
+        self.student_ddp.train()
+        self.head.train()
+        self.method.train()
+        log.info("training %s -> %s: %d steps/epoch x %d epochs, global batch %d, start "
+                 "step %d", r.method.name, r.student.arch, self.steps_per_epoch,
+                 r.optim.epochs, global_batch, step)
+        while step < stop_at:
+            if not mid_epoch:
+                self.loader.set_epoch(epoch)
+            in_epoch = (step - epoch * self.steps_per_epoch) if mid_epoch else 0
+            mid_epoch = False
+            finished_epoch = True
+            for batch in self.loader:
+                unl = next(self.unlabelled_iter) if self.unlabelled_iter is not None else None
+                values = self.train_step(batch, unl)
+                step += 1
+                in_epoch += 1
+                window_steps += 1
+                last = values
+                if step % r.run.log_every == 0 or step == stop_at:
+                    elapsed = time.perf_counter() - window_start
+                    ips = window_steps * global_batch / max(elapsed, 1e-9)
+                    logged = {f"loss/{k}": mean_scalar(v, self.dist, self.device)
+                              for k, v in values.items() if k != "grad_norm"}
+                    logged.update({"lr": self.schedule.get_last_lr()[0], "epoch": epoch,
+                                   "images_per_s": ips, "grad_norm": values["grad_norm"]})
+                    if metrics is not None:
+                        metrics.add(step, logged)
+                        log.info("step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s", step,
+                                 self.total_steps, epoch, logged["loss/loss"], logged["lr"],
+                                 ips)
+                    bar.set_postfix(loss=f"{logged['loss/loss']:.3f}", img_s=f"{ips:.0f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+                if r.run.eval_every and step % r.run.eval_every == 0:
+                    eval_results = self.evaluate(step)
+                    if metrics is not None and eval_results:
+                        metrics.add(step, eval_results)
+                if r.run.save_every and step % r.run.save_every == 0 and step < stop_at:
+                    self.save(step, epoch, in_epoch)
+                    if metrics is not None:
+                        metrics.flush()
+                if step >= stop_at:
+                    finished_epoch = in_epoch >= self.steps_per_epoch
+                    break
+            if finished_epoch:
+                epoch += 1
+                in_epoch = 0
+                if not r.run.eval_every and r.data.val_bins:
+                    eval_results = self.evaluate(step)
+                    if metrics is not None and eval_results:
+                        metrics.add(step, eval_results)
+        bar.close()
+        self.save(step, epoch, in_epoch if step % self.steps_per_epoch else 0)
+        if metrics is not None:
+            metrics.close()
+        elapsed = time.perf_counter() - t_start
+        return {"step": step, "epoch": epoch, "start_step": start_step,
+                "last_losses": last, "eval": eval_results,
+                "train_seconds": elapsed,
+                "images_per_s": (step - start_step) * global_batch / max(elapsed, 1e-9)}
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """student.pt, full.pt and summary.json (rank 0)."""
+        if not self.dist.is_main:
+            return
+        from facekd.fileio import write_json_atomic
+        from facekd.models.checkpoint import save_checkpoint
+
+        r = self.recipe
+        student = _unwrap(self.student_ddp)
+        meta = {"recipe": str(self.out / "recipe.yaml"), "method": r.method.name,
+                "seed": self.seed, "step": result["step"], "epoch": result["epoch"],
+                "num_classes": self.num_classes, "eval": result["eval"]}
+        save_checkpoint(self.out / "student.pt", student, r.student.arch, self.arch_kwargs,
+                        meta=meta)
+        head_cfg = {"kind": r.student.head.type, "embedding_size": r.student.embedding_size,
+                    "num_classes": self.num_classes, "scale": r.student.head.scale,
+                    "margin": r.student.head.margin, "m1": r.student.head.m1,
+                    "m2": r.student.head.m2, "m3": r.student.head.m3}
+        save_checkpoint(self.out / "full.pt", student, r.student.arch, self.arch_kwargs,
+                        head={"state_dict": self._head_state(), "config": head_cfg},
+                        meta={**meta, "method_state": self.method.state_dict()})
+        summary = {
+            "run": str(self.out), "method": r.method.name, "student": r.student.arch,
+            "teacher": r.teacher.checkpoint, "teacher_cache": r.teacher.cache,
+            "seed": self.seed, "world_size": self.dist.world_size,
+            "device": str(self.device), "amp": self.amp,
+            "steps": result["step"], "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch, "epochs_done": result["epoch"],
+            "resumed_from": self.resumed_from, "num_classes": self.num_classes,
+            "global_batch": r.data.batch_size * self.dist.world_size,
+            "last_losses": result["last_losses"], "eval": result["eval"],
+            "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"],
+            "student_params": sum(p.numel() for p in student.parameters()),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "outputs": {"student": "student.pt", "full": "full.pt",
+                        "metrics": "metrics.csv", "log": "train.log"},
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        log.info("run finished: %s", self.out)
+
+    def close(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        if self._owns_group:
+            shutdown(self.dist)
+
+    def run(self) -> Path:
+        try:
+            self.setup()
+            result = self.fit()
+            self.finish(result)
+            barrier(self.dist)
+        finally:
+            self.close()
+        return self.out
+
+
+def train(recipe: Recipe) -> Path:
+    """Train per ``recipe`` (DDP when launched by torchrun); returns the run folder."""
+    return Trainer(recipe).run()
