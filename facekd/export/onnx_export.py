@@ -1,0 +1,479 @@
+"""Export a student backbone to ONNX that onnxruntime and insightface load, parity-gated.
+
+Only the backbone goes out (heads, connectors and self-teachers stay behind). The file
+takes ``data`` N x 3 x 112 x 112 float32 RGB and returns ``embedding``; by default the
+scaling ``(x - 127.5) / 127.5`` stays outside the graph, as insightface's ArcFaceONNX
+assumes. Nothing lands under the output name until the parity gate and the
+recognition-challenge checks have passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facekd.errors import CheckpointError, FacekdError
+from facekd.export import parity as parity_mod
+from facekd.fileio import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "data"
+OUTPUT_NAME = "embedding"
+DEFAULT_OPSET = 17
+# Node names insightface's ArcFaceONNX looks for (prefix "Sub"/"Mul" in the first 8 nodes).
+NORM_SUB_NODE = "Sub_facekd_input_normalize"
+NORM_MUL_NODE = "Mul_facekd_input_normalize"
+RUN_FOLDER_CHECKPOINTS = ("student.pt", "checkpoint_last.pt", "last.pt")
+RECIPE_NAMES = ("recipe.yaml", "recipe.resolved.yaml", "resolved_recipe.yaml", "config.yaml")
+
+
+@dataclass
+class SourceInfo:
+    """Where the exported weights came from (recorded in the model card)."""
+
+    checkpoint: Path
+    checkpoint_sha256: str
+    run_folder: Path | None = None
+    recipe: Path | None = None
+    recipe_sha256: str | None = None
+    recipe_summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportedStudent:
+    """A loaded student ready for export: the module plus what the card needs."""
+
+    model: Any
+    arch: str
+    arch_kwargs: dict[str, Any]
+    embedding_size: int
+    params: int
+    macs: int
+    source: SourceInfo
+
+
+def resolve_source(ckpt: str | Path) -> SourceInfo:
+    """Find the checkpoint file (a run folder means its ``student.pt``) and its recipe."""
+    path = Path(ckpt)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    run_folder = None
+    if path.is_dir():
+        run_folder = path
+        found = [path / name for name in RUN_FOLDER_CHECKPOINTS if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: run folder has no student.pt to export")
+        path = found[0]
+    elif path.parent.joinpath("student.pt").is_file() and any(
+            (path.parent / name).is_file() for name in RECIPE_NAMES):
+        run_folder = path.parent
+    recipe = None
+    if run_folder is not None:
+        recipe = next((run_folder / n for n in RECIPE_NAMES if (run_folder / n).is_file()), None)
+    info = SourceInfo(checkpoint=path, checkpoint_sha256=sha256_file(path),
+                      run_folder=run_folder, recipe=recipe)
+    if recipe is not None:
+        info.recipe_sha256 = sha256_file(recipe)
+        info.recipe_summary = _recipe_summary(recipe)
+    return info
+
+
+def _recipe_summary(recipe: Path) -> dict[str, Any]:
+    """The few recipe fields a deployer wants to see (method, student, data, epochs)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    summary: dict[str, Any] = {}
+    for section, keys in (("method", ("name", "weights")), ("student", ("arch", "embedding_size")),
+                          ("teacher", ("checkpoint", "arch")), ("data", ("train",)),
+                          ("optim", ("epochs", "lr"))):
+        part = doc.get(section)
+        if isinstance(part, dict):
+            for key in keys:
+                if key in part:
+                    summary[f"{section}.{key}"] = part[key]
+    return summary
+
+
+def load_student(ckpt: str | Path, arch: str | None = None) -> ExportedStudent:
+    """Load the backbone of ``ckpt`` (facekd checkpoint/run folder, or state dict + arch)."""
+    from facekd.models.checkpoint import load_backbone
+    from facekd.models.flops import count_macs, count_params
+    from facekd.models.registry import embedding_size
+
+    source = resolve_source(ckpt)
+    model, info = load_backbone(source.checkpoint, arch=arch)
+    model = model.float().cpu().eval()
+    info = dict(info or {})
+    arch_name = info.get("arch") or arch
+    if not arch_name:
+        raise CheckpointError(f"{source.checkpoint}: architecture unknown; pass --arch")
+    meta = info.get("meta") or {}
+    if isinstance(meta, dict) and not source.recipe_summary:
+        recipe = meta.get("recipe")
+        if isinstance(recipe, dict):
+            source.recipe_summary = {k: v for k, v in recipe.items()
+                                     if isinstance(v, (str, int, float, bool))}
+        elif isinstance(recipe, str):
+            source.recipe_summary = {"recipe": recipe}
+    return ExportedStudent(
+        model=model, arch=str(arch_name), arch_kwargs=dict(info.get("arch_kwargs") or {}),
+        embedding_size=embedding_size(model), params=count_params(model),
+        macs=count_macs(model), source=source)
+
+
+def trace_to_onnx(model: Any, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """torch -> ONNX with the TorchScript exporter: input ``data``, output ``embedding``."""
+    import torch
+
+    sample = torch.from_numpy(parity_mod.to_model_input(
+        parity_mod.synthetic_aligned_faces(2, seed=123)))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (sample,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def simplify_model(model_proto: Any) -> Any:
+    """onnxsim simplification with a dynamic batch; the caller's parity gate checks it."""
+    try:
+        import onnxsim
+    except ImportError as exc:
+        raise FacekdError("--simplify needs the onnxsim package (pip install onnxsim)") from exc
+    # Keep the batch axis symbolic: simplifying at a fixed batch of 1 would fold the
+    # Flatten/Reshape shape into constants and break batches > 1.
+    simplified, ok = onnxsim.simplify(
+        model_proto, test_input_shapes={INPUT_NAME: [2, 3, 112, 112]})
+    if not ok:
+        raise FacekdError("onnxsim could not validate the simplified model")
+    return simplified
+
+
+def add_input_normalization(model_proto: Any) -> None:
+    """Put ``(x - 127.5) / 127.5`` in the graph as the first nodes, named Sub*/Mul*.
+
+    insightface's ArcFaceONNX switches to mean 0 / std 1 when it sees ``Sub`` and ``Mul``
+    node names among the first eight nodes, so these two go first.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model_proto.graph
+    centred, scaled = f"{INPUT_NAME}_centred", f"{INPUT_NAME}_normalized"
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == INPUT_NAME:
+                node.input[i] = scaled
+    for output in graph.output:
+        if output.name == INPUT_NAME:
+            raise FacekdError("the model returns its input unchanged; nothing to export")
+    graph.initializer.extend([
+        helper.make_tensor("facekd_input_mean", TensorProto.FLOAT, [], [127.5]),
+        helper.make_tensor("facekd_input_scale", TensorProto.FLOAT, [], [1.0 / 127.5]),
+    ])
+    sub = helper.make_node("Sub", [INPUT_NAME, "facekd_input_mean"], [centred], name=NORM_SUB_NODE)
+    mul = helper.make_node("Mul", [centred, "facekd_input_scale"], [scaled], name=NORM_MUL_NODE)
+    nodes = [sub, mul, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def move_normalization_first(model_proto: Any) -> None:
+    """After quantisers/converters reorder nodes, put the Sub/Mul pair first again.
+
+    The pair and whatever it depends on (e.g. a Cast of the input) move to the front in
+    their original relative order; that keeps the node list topologically sorted because
+    the set of ancestors is closed under taking predecessors.
+    """
+    graph = model_proto.graph
+    nodes = list(graph.node)
+    norm = [n for n in nodes if n.name in (NORM_SUB_NODE, NORM_MUL_NODE)]
+    if len(norm) != 2:
+        return
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+    front: set[int] = set()
+    stack = [nodes.index(n) for n in norm]
+    while stack:
+        i = stack.pop()
+        if i in front:
+            continue
+        front.add(i)
+        stack.extend(producer[name] for name in nodes[i].input if name in producer)
+    ordered = [n for i, n in enumerate(nodes) if i in front]
+    ordered += [n for i, n in enumerate(nodes) if i not in front]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def set_metadata(model_proto: Any, entries: dict[str, Any]) -> None:
+    """Write ``facekd.*`` metadata_props (strings; dicts become JSON)."""
+    keep = [p for p in model_proto.metadata_props if p.key not in entries]
+    del model_proto.metadata_props[:]
+    for prop in keep:
+        model_proto.metadata_props.add(key=prop.key, value=prop.value)
+    for key, value in entries.items():
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        model_proto.metadata_props.add(key=key, value=text)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file as a dict (without loading the weights)."""
+    import onnx
+
+    model_proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model_proto.metadata_props}
+
+
+def file_normalizes_inside(path: str | Path) -> bool:
+    """Whether an exported file expects raw [0, 255] pixels (normalisation in the graph)."""
+    return read_metadata(path).get("facekd.input_normalization") == "inside"
+
+
+def base_metadata(student: ExportedStudent, normalize_inside: bool, variant: str) -> dict:
+    """The metadata every facekd ONNX file carries."""
+    from facekd import __version__
+
+    return {
+        "facekd.version": __version__,
+        "facekd.variant": variant,
+        "facekd.arch": student.arch,
+        "facekd.arch_kwargs": student.arch_kwargs,
+        "facekd.embedding_size": str(student.embedding_size),
+        "facekd.input_normalization": "inside" if normalize_inside else "outside",
+        "facekd.input_format": ("float32 NCHW RGB in [0, 255]; (x - 127.5) / 127.5 in graph"
+                                if normalize_inside else
+                                "float32 NCHW RGB, (x - 127.5) / 127.5 applied by the caller"),
+        "facekd.checkpoint_sha256": student.source.checkpoint_sha256,
+    }
+
+
+def check_challenge(path: str | Path, *, allow_fp16: bool = False,
+                    raise_on_fail: bool = True) -> dict[str, Any]:
+    """The insightface recognition-challenge checks on an ONNX file.
+
+    4-D input, a single output, no FP16 initialisers (``allow_fp16`` for the declared FP16
+    variant), finite outputs on a batch of 32, embedding dim <= 512. Returns each check's
+    result; raises FacekdError naming the first failing check when ``raise_on_fail``.
+    """
+    import onnx
+
+    model_proto = onnx.load(str(path))
+    graph = model_proto.graph
+    init_names = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init_names]
+    checks: dict[str, Any] = {}
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
+    checks["single_input"] = len(inputs) == 1
+    checks["input_4d"] = len(dims) == 4
+    checks["input_112x112"] = (len(dims) == 4 and dims[2].dim_value == 112
+                               and dims[3].dim_value == 112 and dims[1].dim_value == 3)
+    checks["single_output"] = len(graph.output) == 1
+    fp16 = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    fp16 += [n.name for n in graph.node if n.op_type == "Constant" and any(
+        a.t.data_type == onnx.TensorProto.FLOAT16 for a in n.attribute if a.HasField("t"))]
+    checks["fp16_initializers"] = len(fp16)
+    checks["no_fp16_initializers"] = allow_fp16 or not fp16
+    out = np.full((1, 1), np.nan, np.float32)
+    if checks["single_input"] and checks["input_4d"]:
+        session = parity_mod.onnx_session(path)
+        rng = np.random.default_rng(32)
+        batch = rng.uniform(0, 255, (32, 3, 112, 112)).astype(np.float32)
+        if not _normalizes_inside(model_proto):
+            batch = (batch - 127.5) / 127.5
+        out = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    checks["batch32_output_shape"] = list(out.shape)
+    checks["no_nan_batch32"] = bool(np.isfinite(out).all()) and out.shape[0] == 32
+    checks["feature_dim"] = int(out.shape[-1]) if out.ndim == 2 else None
+    checks["feature_dim_le_512"] = out.ndim == 2 and out.shape[-1] <= 512
+    failed = [k for k in ("single_input", "input_4d", "input_112x112", "single_output",
+                          "no_fp16_initializers", "no_nan_batch32", "feature_dim_le_512")
+              if not checks[k]]
+    checks["passed"] = not failed
+    if failed and raise_on_fail:
+        raise FacekdError(f"{path}: fails the insightface recognition-challenge check(s) "
+                          f"{', '.join(failed)} ({json.dumps({k: checks[k] for k in failed})})")
+    return checks
+
+
+def _normalizes_inside(model_proto: Any) -> bool:
+    return any(p.key == "facekd.input_normalization" and p.value == "inside"
+               for p in model_proto.metadata_props)
+
+
+def insightface_compat(path: str | Path, normalize_inside: bool) -> dict[str, Any]:
+    """Load with ``insightface.model_zoo.get_model`` and check it is read as intended.
+
+    It must be routed to ArcFaceONNX with the input mean/std matching where the
+    normalisation lives (127.5 outside, 0/1 inside); a mismatch would silently feed the
+    network wrongly scaled pixels.
+    """
+    try:
+        with contextlib.redirect_stdout(None):
+            from insightface.model_zoo import get_model
+
+            model = get_model(str(path), providers=["CPUExecutionProvider"])
+    except ImportError:
+        return {"checked": False, "reason": "insightface not installed"}
+    kind = type(model).__name__ if model is not None else None
+    mean = getattr(model, "input_mean", None)
+    std = getattr(model, "input_std", None)
+    expected = (0.0, 1.0) if normalize_inside else (127.5, 127.5)
+    ok = kind == "ArcFaceONNX" and (mean, std) == expected
+    return {"checked": True, "loaded_as": kind, "input_mean": mean, "input_std": std,
+            "passed": ok}
+
+
+def export_backbone(student: ExportedStudent, out: str | Path, *, normalize_inside: bool = False,
+                    simplify: bool = False, opset: int = DEFAULT_OPSET,
+                    parity_faces: int = 16,
+                    thresholds: parity_mod.ParityThresholds = parity_mod.FP32_THRESHOLDS,
+                    ) -> dict[str, Any]:
+    """Trace, post-process, check and parity-gate ``student``; write ``out`` only on success.
+
+    Returns the FP32 section of the model card (parity, challenge checks, insightface).
+    Raises FacekdError (and leaves no file) when any gate fails.
+    """
+    import onnx
+
+    if opset < 17:
+        raise FacekdError(f"opset {opset} is too old; facekd exports opset >= 17")
+    out = Path(out)
+    faces = parity_mod.synthetic_aligned_faces(parity_faces, seed=0)
+    x = parity_mod.to_model_input(faces)
+    with atomic_path(out, suffix=".onnx") as tmp:
+        trace_to_onnx(student.model, tmp, opset)
+        model_proto = onnx.load(str(tmp))
+        if simplify:
+            model_proto = simplify_model(model_proto)
+        if normalize_inside:
+            add_input_normalization(model_proto)
+        model_proto.producer_name = "facekd"
+        model_proto.doc_string = (f"facekd {student.arch} face embedder: input 'data' Nx3x112x112 "
+                                  f"RGB, output 'embedding' ({student.embedding_size}-d)")
+        set_metadata(model_proto, base_metadata(student, normalize_inside, "fp32"))
+        try:
+            onnx.checker.check_model(model_proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise FacekdError(f"{out}: onnx.checker rejects the export: "
+                              f"{str(exc).splitlines()[0]}") from exc
+        onnx.save(model_proto, str(tmp))
+        # Reference computed now, from the module as it is after tracing: if the weights
+        # changed since, the file no longer matches and the gate must say so.
+        report = parity_mod.check_parity(student.model, tmp, x, normalize_inside=normalize_inside,
+                                         variant="fp32", thresholds=thresholds)
+        if not report.passed:
+            raise FacekdError(parity_mod.describe_failure(report, out))
+        batch_sizes = _check_dynamic_batch(tmp, x, normalize_inside, out)
+        challenge = check_challenge(tmp)
+        compat = insightface_compat(tmp, normalize_inside)
+        if compat.get("checked") and not compat["passed"]:
+            raise FacekdError(f"{out}: insightface loads it as {compat['loaded_as']} with mean "
+                              f"{compat['input_mean']}/std {compat['input_std']}, not as "
+                              f"intended")
+    log.info("wrote %s (parity max|diff| %.2e, 1-cos %.2e)", out, report.max_abs_diff,
+             report.max_one_minus_cos)
+    return {"file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size,
+            "opset": opset, "simplified": simplify, "parity": report.to_dict(),
+            "dynamic_batch_checked": batch_sizes, "challenge": challenge,
+            "insightface": compat}
+
+
+def _check_dynamic_batch(path: Path, x: np.ndarray, normalize_inside: bool,
+                         out: Path) -> list[int]:
+    """Batch 1 and an odd batch must give the rows of the full batch (dynamic axis works)."""
+    full = parity_mod.onnx_embeddings(path, x, normalize_inside)
+    sizes = [1, min(5, len(x))]
+    for n in sizes:
+        part = parity_mod.onnx_embeddings(path, x[:n], normalize_inside, batch_size=n)
+        if part.shape != full[:n].shape or not np.allclose(part, full[:n], rtol=1e-4, atol=1e-4):
+            raise FacekdError(f"{out}: batch of {n} gives different embeddings than a batch "
+                              f"of {len(x)}; the batch axis is not dynamic")
+    return sizes
+
+
+def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
+                fp16: bool = False, int8: bool = False, normalize_inside: bool = False,
+                simplify: bool = False, calib_data: str | Path | None = None,
+                calib_count: int = 256, eval_bin: str | Path | None = None,
+                max_drop: float = 0.01, force: bool = False,
+                opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+    """``facekd export onnx``: FP32 file (+ optional FP16/INT8 variants) and model cards.
+
+    The FP32 file is parity-gated. Each quantised variant is compared with torch and, with
+    ``eval_bin``, evaluated; a variant whose accuracy drops by more than ``max_drop``
+    (a fraction: 0.01 = one point) is removed and the call raises FacekdError after
+    writing the cards, unless ``force``, which keeps it with a loud warning.
+    Returns the card dict.
+    """
+    from facekd.export import card as card_mod
+    from facekd.export import quantize as quant_mod
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise FacekdError(f"{out}: output name must end in .onnx")
+    if int8 and calib_data is None:
+        raise FacekdError("--int8 needs --calib-data (a shards folder, RecordIO folder or .bin "
+                          "with a few hundred training faces)")
+    if math.isnan(max_drop) or max_drop < 0:
+        raise FacekdError(f"--max-drop must be >= 0, got {max_drop}")
+    for path, what in ((calib_data, "--calib-data"), (eval_bin, "--eval-bin")):
+        if path is not None and not Path(path).exists():
+            raise FacekdError(f"{path}: {what} does not exist")
+    student = load_student(ckpt, arch)
+    fp32 = export_backbone(student, out, normalize_inside=normalize_inside, simplify=simplify,
+                           opset=opset)
+    variants: dict[str, dict[str, Any]] = {"fp32": fp32}
+    x = parity_mod.to_model_input(parity_mod.synthetic_aligned_faces(16, seed=0))
+    reference = parity_mod.torch_embeddings(student.model, x)
+    wanted = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
+    calib = None
+    if int8:
+        calib = quant_mod.load_calibration_images(calib_data, count=calib_count)
+    for variant in wanted:
+        target = variant_path(out, variant)
+        variants[variant] = quant_mod.make_variant(
+            out, target, variant, student=student, normalize_inside=normalize_inside,
+            calib=calib, calib_source=calib_data, x=x, reference=reference)
+    evaluation = None
+    if eval_bin is not None:
+        evaluation = quant_mod.evaluate_variants(
+            {v: (out if v == "fp32" else variant_path(out, v)) for v in variants},
+            eval_bin, normalize_inside)
+        for v, numbers in evaluation.items():
+            variants[v]["evaluation"] = numbers
+    refused = quant_mod.judge_variants(variants, max_drop=max_drop, force=force)
+    for variant in refused:
+        variant_path(out, variant).unlink(missing_ok=True)
+    card = card_mod.build_card(student, variants, normalize_inside=normalize_inside,
+                               eval_bin=eval_bin, max_drop=max_drop, force=force)
+    for variant in variants:
+        if variant not in refused:
+            card_mod.write_card(out if variant == "fp32" else variant_path(out, variant), card,
+                                variant)
+    if refused:
+        reasons = "; ".join(f"{v}: {variants[v]['verdict']['reason']}" for v in refused)
+        raise FacekdError(f"{out}: refused quantised variant(s) and removed them ({reasons}); "
+                          f"use --force to keep them")
+    return card
+
+
+def variant_path(out: str | Path, variant: str) -> Path:
+    """``student.onnx`` -> ``student.fp16.onnx`` / ``student.int8.onnx``."""
+    out = Path(out)
+    return out if variant == "fp32" else out.with_name(f"{out.stem}.{variant}.onnx")
