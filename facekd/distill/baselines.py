@@ -17,6 +17,7 @@ from facekd.distill.base import (
 )
 from facekd.distill.connectors import (
     EmbeddingConnector,
+    full_precision,
     kd_kl,
     sample_classes,
     scaled_cos,
@@ -185,4 +186,5 @@ class RKD(DistillMethod):
         if s.shape[0] < 3:
             zero = s.sum() * 0.0
             return {"rkd_distance": zero, "rkd_angle": zero}
-        return {"rkd_distance": rkd_distance_loss(s, t), "rkd_angle": rkd_angle_loss(s, t)}
+        with full_precision(s):
+            return {"rkd_distance": rkd_distance_loss(s, t), "rkd_angle": rkd_angle_loss(s, t)}

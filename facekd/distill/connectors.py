@@ -68,9 +68,15 @@ def select_centres(centres: Tensor, class_idx: Tensor | None) -> Tensor:
     return F.normalize(rows.detach().float(), dim=1)
 
 
+def full_precision(ref: Tensor) -> torch.autocast:
+    """Switch autocast off: s = 64 cosine logits and distances lose too much in fp16."""
+    return torch.autocast(device_type=ref.device.type, enabled=False)
+
+
 def scaled_cos(embedding: Tensor, centres_normalised: Tensor, scale: float) -> Tensor:
-    """``scale * cos(embedding, centre)`` for every row and centre: B x C."""
-    return scale * F.normalize(embedding.float(), dim=1) @ centres_normalised.t()
+    """``scale * cos(embedding, centre)`` for every row and centre: B x C, in float32."""
+    with full_precision(embedding):
+        return scale * F.normalize(embedding.float(), dim=1) @ centres_normalised.float().t()
 
 
 def positions_in(class_idx: Tensor | None, labels: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from facekd.distill.base import (
     register_method,
     zero_loss,
 )
-from facekd.distill.connectors import kd_kl, scaled_cos, select_centres
+from facekd.distill.connectors import full_precision, kd_kl, scaled_cos, select_centres
 from facekd.errors import ConfigError
 
 _MASKED = -1e9  # finite "minus infinity": exp() is exactly 0 and 0 * log stays 0
@@ -50,8 +50,9 @@ class REFILLEDParams:
 
 def _distances(x: Tensor) -> Tensor:
     """Euclidean distances between L2-normalised rows (finite gradients at zero)."""
-    x = F.normalize(x.float(), dim=1)
-    return (2.0 - 2.0 * x @ x.t()).clamp_min(1e-12).sqrt()
+    with full_precision(x):
+        x = F.normalize(x.float(), dim=1)
+        return (2.0 - 2.0 * x @ x.t()).clamp_min(1e-12).sqrt()
 
 
 def relation_loss(student_emb: Tensor, teacher_emb: Tensor, labels: Tensor,
