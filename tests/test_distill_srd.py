@@ -157,3 +157,18 @@ def test_gradients_reach_student_and_connector_only(connector):
     assert source.grad is not None and source.grad.abs().sum() > 0
     for name, p in srd.named_parameters():
         assert p.grad is not None, name
+
+
+def test_teacher_classes_switch():
+    s, t = torch.randn(3, 4), torch.randn(3, 4)
+    labels = torch.tensor([0, 1, 2])
+    teacher = TeacherOutput(t, torch.randn(3, 4))
+    disjoint = create_method("srd", student_dim=4, teacher_dim=4, num_classes=3,
+                             params={"teacher_classes": "disjoint",
+                                     "margin_on_labelled": True})
+    with pytest.raises(ConfigError, match="teacher_classes: disjoint"):
+        disjoint(StudentOutput(s), teacher, labels)
+    shared = create_method("srd", student_dim=4, teacher_dim=4, num_classes=5,
+                           params={"teacher_classes": "shared"})
+    with pytest.raises(ConfigError, match="'shared' but the teacher has 3 classes"):
+        shared(StudentOutput(s), teacher, labels)

@@ -46,6 +46,8 @@ class SRDParams:
     num_negatives: int | None = None        # None: logits over all classes
     margin_on_labelled: bool = False        # ablation: ArcFace margin on labelled rows
     margin: float = 0.5                     # the teacher head's additive angular margin
+    # Do batch labels index the teacher's classes? auto: yes when the class counts agree.
+    teacher_classes: Literal["auto", "shared", "disjoint"] = "auto"
 
     def validate(self, path: str = "") -> None:
         where = f"{path}." if path else ""
@@ -111,6 +113,8 @@ class SRD(DistillMethod):
 
     def _labels_index_centres(self, teacher: TeacherOutput) -> bool:
         # Batch labels name teacher classes only when both share one identity list.
+        if self.params.teacher_classes != "auto":
+            return self.params.teacher_classes == "shared"
         return teacher.centres.shape[0] == self.num_classes
 
     def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
@@ -120,8 +124,13 @@ class SRD(DistillMethod):
         shared = self._labels_index_centres(teacher)
         if self.params.margin_on_labelled and not shared:
             raise ConfigError(f"method.params.margin_on_labelled: the teacher has "
-                              f"{num_centres} classes but the student data has "
-                              f"{self.num_classes}; a margin needs shared labels")
+                              f"{num_centres} classes, the student data "
+                              f"{self.num_classes} (teacher_classes: "
+                              f"{self.params.teacher_classes}); a margin needs shared labels")
+        if shared and num_centres < self.num_classes:
+            raise ConfigError(f"method.params.teacher_classes: 'shared' but the teacher has "
+                              f"{num_centres} classes and the student data "
+                              f"{self.num_classes}")
         # Positives only mean something when labels index the teacher's classes.
         label_rows = labels if shared else labels.new_full(labels.shape, -1)
         class_idx = sample_classes(label_rows, num_centres, self.params.num_negatives,
