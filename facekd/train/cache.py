@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,16 +140,22 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                         batch_size: int = 64, dtype: str = "float16",
                         device: str | None = None, num_workers: int = 0,
                         chunk_batches: int = 50, teacher: Any = None,
-                        progress: bool = True) -> Path:
+                        progress: bool = True,
+                        loader_factory: Callable[..., Any] | None = None) -> Path:
     """Run the teacher over every sample of ``source`` (image and mirror); resumable.
 
     ``teacher`` may be an already loaded teacher object (tests, the trainer); otherwise
     ``teacher_spec`` is loaded with :func:`facekd.models.teacher.load_teacher`.
+    ``loader_factory`` replaces :func:`facekd.data.loader.build_train_loader`.
     """
     from tqdm import tqdm
 
-    from facekd.data.loader import build_train_loader
     from facekd.logs import add_file_log
+
+    if loader_factory is not None:
+        build_train_loader = loader_factory
+    else:
+        from facekd.data.loader import build_train_loader
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")

@@ -32,6 +32,8 @@ class HeadConfig:
     m2: float = 0.0
     m3: float = 0.0
     sample_rate: float = 1.0              # Partial FC share of negative classes kept
+    partial_fc: bool | None = None        # null: on when sample_rate < 1 or world size > 1;
+                                          # false: one replicated head (small class counts)
 
 
 @dataclass

@@ -17,7 +17,8 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,10 +140,18 @@ class _Cycle:
 
 
 class Trainer:
-    """One training run; ``Trainer(recipe).run()`` returns the run folder."""
+    """One training run; ``Trainer(recipe).run()`` returns the run folder.
 
-    def __init__(self, recipe: Recipe) -> None:
+    ``loader_factory`` replaces :func:`facekd.data.loader.build_train_loader` (same
+    signature) for data facekd cannot read; ``teacher`` is an already loaded teacher
+    (``embed``/``centres``/``scale``/``features``) used instead of ``teacher.checkpoint``.
+    """
+
+    def __init__(self, recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
+                 teacher: Any = None) -> None:
         self.recipe = recipe
+        self.loader_factory = loader_factory
+        self.given_teacher = teacher
         self.out = Path(recipe.run.output)
         self.dist = DistInfo()
         self.device = torch.device("cpu")
@@ -166,7 +175,9 @@ class Trainer:
             self._log_handler = add_file_log(self.out / "train.log")
         barrier(self.dist)
         self.seed = r.run.seed
-        ckpt.seed_everything(self.seed + self.dist.rank)
+        # The same seed on every rank while building, so replicated parts start equal;
+        # per-rank streams (sampling, dropout) only for the loop.
+        ckpt.seed_everything(self.seed)
         self.amp = bool(r.run.amp and self.device.type == "cuda")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -179,9 +190,13 @@ class Trainer:
         self._build_method()
         self._build_head()
         self._build_optimizer()
+        ckpt.seed_everything(self.seed + self.dist.rank)
 
     def _build_data(self) -> None:
-        from facekd.data.loader import build_train_loader
+        if self.loader_factory is not None:
+            build_train_loader = self.loader_factory
+        else:
+            from facekd.data.loader import build_train_loader
 
         r = self.recipe
         if not r.data.train:
@@ -214,6 +229,7 @@ class Trainer:
         """Live teacher or cache, only when the method asks for one."""
         r = self.recipe
         self.teacher = None
+        self.teacher_centres: torch.Tensor | None = None
         self.cache = None
         self.unlabelled_cache = None
         self.teacher_dim: int | None = None
@@ -238,12 +254,16 @@ class Trainer:
                                       f"{self.unlabelled_cache.dim}, teacher.cache "
                                       f"{self.cache.dim}")
             centres = self.cache.centres
-        elif r.teacher.checkpoint:
-            from facekd.models.teacher import load_teacher
+        elif r.teacher.checkpoint or self.given_teacher is not None:
+            if self.given_teacher is not None:
+                self.teacher = self.given_teacher
+            else:
+                from facekd.models.teacher import load_teacher
 
-            self.teacher = load_teacher(r.teacher.checkpoint, arch=r.teacher.arch,
-                                        classifier=r.teacher.classifier, device=self.device,
-                                        feature_layers=tuple(self.teacher_feature_layers))
+                self.teacher = load_teacher(r.teacher.checkpoint, arch=r.teacher.arch,
+                                            classifier=r.teacher.classifier,
+                                            device=self.device,
+                                            feature_layers=tuple(self.teacher_feature_layers))
             with torch.no_grad():
                 probe = torch.zeros(2, 3, 112, 112, device=self.device)
                 self.teacher_dim = int(self.teacher.embed(probe).shape[1])
@@ -251,12 +271,6 @@ class Trainer:
         else:
             raise ConfigError(f"method '{r.method.name}' needs a teacher: set "
                               "teacher.checkpoint (or teacher.cache from 'facekd teacher cache')")
-        if self.method_cls.needs_teacher_classifier and centres is None:
-            where = r.teacher.cache or r.teacher.checkpoint
-            raise ConfigError(f"method '{r.method.name}' needs the teacher's classifier but "
-                              f"{where} has no class centres and teacher.classifier is unset; "
-                              "run 'facekd teacher centres TEACHER DATA OUT' and set "
-                              "teacher.classifier: OUT")
         self.teacher_centres = centres.to(self.device) if centres is not None else None
 
     def _build_student(self) -> None:
@@ -289,6 +303,14 @@ class Trainer:
             num_classes=self.num_classes, params=r.method.params,
             student_feature_channels=self.feature_channels).to(self.device)
         self.weights = resolve_weights(self.method, r.method.weights)
+        # After construction: an instance may need less than its class (REFILLED stage 1).
+        if getattr(self.method, "needs_teacher_classifier", False) and \
+                self.teacher_centres is None:
+            where = r.teacher.cache or r.teacher.checkpoint
+            raise ConfigError(f"method '{r.method.name}' needs the teacher's classifier but "
+                              f"{where} has no class centres and teacher.classifier is unset; "
+                              "run 'facekd teacher centres TEACHER DATA OUT' and set "
+                              "teacher.classifier: OUT")
         if getattr(self.method, "needs_features", False):
             from facekd.models.hooks import FeatureHooks
 
@@ -297,7 +319,11 @@ class Trainer:
     def _build_head(self) -> None:
         r = self.recipe
         h = r.student.head
-        self.partial_fc = h.sample_rate < 1.0 or self.dist.world_size > 1
+        self.partial_fc = (h.partial_fc if h.partial_fc is not None
+                           else h.sample_rate < 1.0 or self.dist.world_size > 1)
+        if not self.partial_fc and h.sample_rate < 1.0:
+            raise ConfigError("student.head.sample_rate < 1 needs Partial FC; unset "
+                              "student.head.partial_fc or set sample_rate: 1.0")
         if self.partial_fc:
             from facekd.models.partial_fc import PartialFC
 
@@ -316,8 +342,10 @@ class Trainer:
             if self.device.type == "cuda" and r.run.sync_bn:
                 self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student_ddp: nn.Module = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=ids, broadcast_buffers=False)
+            with warnings.catch_warnings():  # broadcast_buffers' rename warning (torch 2.14)
+                warnings.simplefilter("ignore", FutureWarning)
+                self.student_ddp: nn.Module = nn.parallel.DistributedDataParallel(
+                    self.student, device_ids=ids, broadcast_buffers=False)
         else:
             self.student_ddp = self.student
 
@@ -714,6 +742,7 @@ class Trainer:
         return self.out
 
 
-def train(recipe: Recipe) -> Path:
+def train(recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
+          teacher: Any = None) -> Path:
     """Train per ``recipe`` (DDP when launched by torchrun); returns the run folder."""
-    return Trainer(recipe).run()
+    return Trainer(recipe, loader_factory=loader_factory, teacher=teacher).run()
