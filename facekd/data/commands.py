@@ -110,7 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = psub.add_parser("info", help="summary of a .rec dataset or shards folder")
     p.add_argument("source", help="dataset folder, .rec file or shards folder")
     p.add_argument("--out", default=None,
-                   help="folder for summary.json and the histogram PNG (default: print only)")
+                   help="folder for summary.json and the histogram PNG (default: DIR/info; "
+                        "'-' prints only)")
     p.add_argument("--sample-images", type=int, default=2000,
                    help="images sampled for size/format statistics (default 2000)")
     p.set_defaults(func=_info)

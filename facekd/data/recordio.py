@@ -499,26 +499,32 @@ class RecordReader:
 
     def labels(self) -> np.ndarray:
         """int64 identity of every image key (same order as :meth:`image_keys`); cached."""
+        return self.header_arrays()[0]
+
+    def header_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels int64, flags uint32)`` of every image key, in one header pass; cached."""
         if self._labels is None:
             keys = self.image_keys()
-            out = np.empty(len(keys), np.int64)
+            labels = np.empty(len(keys), np.int64)
+            flags = np.empty(len(keys), np.uint32)
             mm = self._mm
             offsets = self._offset_list
+            unpack = struct.unpack_from
             for i, key in enumerate(keys.tolist()):
-                pos = self._position(key)
-                off = offsets[pos]
-                lrec = _FRAME.unpack_from(mm, off)[1]
+                off = offsets[self._position(key)]
+                lrec = unpack("<I", mm, off + 4)[0]
                 if lrec >> 29 or lrec < IR_SIZE or off + 8 + lrec > self._size:
-                    out[i] = self.label_of(key)  # multipart or damaged: full path
+                    header = self.header(key)  # multipart or damaged: full path
+                    flags[i], labels[i] = header.flag, label_to_int(header.label)
                     continue
-                flag, label = struct.unpack_from("<If", mm, off + 8)
+                flag, label = unpack("<If", mm, off + 8)
                 if flag:
                     if 4 * flag + IR_SIZE > lrec:
-                        self.label_of(key)  # raises the precise error
-                    label = struct.unpack_from("<f", mm, off + 8 + IR_SIZE)[0]
-                out[i] = int(label)
-            self._labels = out
-        return self._labels
+                        self.header(key)  # raises the precise error
+                    label = unpack("<f", mm, off + 8 + IR_SIZE)[0]
+                flags[i], labels[i] = flag, int(label)
+            self._labels, self._flags = labels, flags
+        return self._labels, self._flags
 
     @property
     def num_classes(self) -> int:

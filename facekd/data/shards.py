@@ -1,0 +1,489 @@
+"""WebDataset tar shards: conversion from ``.rec`` (and folders), back to ``.rec``, reading.
+
+A shards folder holds ``shard-000000.tar ...`` (per sample ``{key}.jpg|png`` with the
+source bytes copied, never re-encoded, and ``{key}.json``), ``manifest.parquet`` (one row
+per sample: key, label, shard, byte offset and size of the image inside its tar, sha1)
+and ``dataset.json``. The manifest gives the training loader random access into the tars
+without unpacking them, while the tars stay readable by the ``webdataset`` library.
+
+Tar headers are written by hand (ustar, mtime 0): ``tarfile`` member by member is several
+times slower, and fixed metadata makes shards byte-identical across runs, so a conversion
+killed half way resumes by keeping finished shards and redoing the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facekd.errors import DataError
+from facekd.fileio import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+PARTS_DIR = ".parts"
+MANIFEST = "manifest.parquet"
+DATASET_JSON = "dataset.json"
+FORMAT_NAME = "facekd-shards"
+_BLOCK = 512
+_ZEROS = bytes(_BLOCK * 2)
+
+
+# --------------------------------------------------------------------------------------
+# Hand-written ustar headers
+
+
+def _tar_template() -> tuple[bytearray, int]:
+    header = bytearray(_BLOCK)
+    header[100:108] = b"0000644\0"  # mode
+    header[108:116] = b"0000000\0"  # uid
+    header[116:124] = b"0000000\0"  # gid
+    header[136:148] = b"00000000000\0"  # mtime 0: reproducible bytes
+    header[148:156] = b" " * 8  # checksum field counts as spaces while summing
+    header[156:157] = b"0"  # regular file
+    header[257:263] = b"ustar\0"
+    header[263:265] = b"00"
+    return header, sum(header)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _tar_template()
+
+
+def tar_header(name: bytes, size: int) -> bytes:
+    """One 512-byte ustar header for a regular file ``name`` of ``size`` bytes."""
+    if len(name) > 100:
+        raise DataError(f"tar member name longer than 100 bytes: {name[:40]!r}...")
+    size_field = b"%011o\0" % size
+    header = _TEMPLATE.copy()
+    header[0:len(name)] = name
+    header[124:136] = size_field
+    checksum = _TEMPLATE_SUM + sum(name) + sum(size_field)  # template name/size are zeros
+    header[148:156] = b"%06o\0 " % checksum
+    return bytes(header)
+
+
+def image_ext(payload: bytes | memoryview) -> str | None:
+    """``'jpg'`` or ``'png'`` from the magic bytes, else None (unknown or empty)."""
+    head = bytes(payload[:8])
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if head == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
+
+
+def check_image_bytes(payload: bytes, where: str) -> str:
+    """Cheap structural check (no decode): JPEG/PNG signature and end marker."""
+    ext = image_ext(payload)
+    if ext is None:
+        raise DataError(f"{where}: payload of {len(payload)} bytes is not a JPEG or PNG image "
+                        f"(starts {bytes(payload[:8]).hex()})")
+    tail = payload[-64:]
+    if (ext == "jpg" and b"\xff\xd9" not in tail) or (ext == "png" and b"IEND" not in tail):
+        kind = "JPEG" if ext == "jpg" else "PNG"
+        raise DataError(f"{where}: {kind} image of {len(payload)} bytes is truncated "
+                        f"(no end marker)")
+    return ext
+
+
+# --------------------------------------------------------------------------------------
+# Sample sources (picklable; each worker process opens its own file handles)
+
+
+class RecSamples:
+    """Images of a ``.rec`` dataset, addressed by position in ``image_keys()``."""
+
+    kind = "rec"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from facekd.data.recordio import open_rec
+
+        self.path = str(path)
+        self.reader = open_rec(path)
+        self.keys = self.reader.image_keys()
+        self.num_classes = self.reader.num_classes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get(self, index: int) -> tuple[int, int, int, bytes, str]:
+        """``(key, label, flag, image bytes, ext)`` of sample ``index``."""
+        from facekd.data.recordio import label_to_int
+
+        key = int(self.keys[index])
+        header, payload = self.reader[key]
+        ext = check_image_bytes(payload, f"{self.reader.rec_path}: key {key}")
+        return key, label_to_int(header.label), header.flag, payload, ext
+
+    def key_of(self, index: int) -> int:
+        return int(self.keys[index])
+
+    def release(self) -> None:
+        """Drop this process's mapped pages of the ``.rec`` (keeps RSS flat)."""
+        mm = getattr(self.reader, "_mm", None)
+        if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": str(Path(self.path).resolve()), "source_kind": "rec",
+                "source_layout": "insightface" if self.reader.has_header else "im2rec"}
+
+
+# --------------------------------------------------------------------------------------
+# Shard writing (runs in worker processes)
+
+_SOURCE: Any = None
+
+
+def _init_worker(source: Any) -> None:
+    global _SOURCE
+    _SOURCE = source
+
+
+def _sample_json(key: int, label: int, flag: int) -> bytes:
+    return b'{"label": %d, "key": %d, "flag": %d}' % (label, key, flag)
+
+
+def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
+                 ) -> dict[str, Any]:
+    """Write shard ``shard`` from samples ``start:stop`` and its part index; returns stats."""
+    source = _SOURCE
+    out_dir = Path(out)
+    final = out_dir / SHARD_PATTERN.format(shard)
+    n = stop - start
+    keys = np.empty(n, np.int64)
+    labels = np.empty(n, np.int64)
+    offsets = np.empty(n, np.int64)
+    sizes = np.empty(n, np.int64)
+    exts = np.empty(n, "S3")
+    digests = np.empty(n, "S40")
+    bad: list[tuple[int, str]] = []
+    count = 0
+    import hashlib
+
+    sha1 = hashlib.sha1
+    with atomic_path(final) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
+        pos = 0
+        write = f.write
+        for index in range(start, stop):
+            try:
+                key, label, flag, payload, ext = source.get(index)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                bad.append((source.key_of(index), str(exc)))
+                continue
+            name = b"%d." % key
+            size = len(payload)
+            write(tar_header(name + ext.encode(), size))
+            write(payload)
+            pad = -size & 511
+            if pad:
+                write(_ZEROS[:pad])
+            meta = _sample_json(key, label, flag)
+            write(tar_header(name + b"json", len(meta)))
+            write(meta)
+            write(_ZEROS[:-len(meta) & 511])
+            keys[count], labels[count], sizes[count] = key, label, size
+            offsets[count] = pos + _BLOCK
+            exts[count] = ext.encode()
+            digests[count] = sha1(payload).hexdigest().encode()
+            count += 1
+            pos += _BLOCK + size + pad + _BLOCK + len(meta) + (-len(meta) & 511)
+        write(_ZEROS)  # end-of-archive: two zero blocks
+    part = out_dir / PARTS_DIR / f"{final.stem}.npz"
+    with atomic_path(part, suffix=".npz") as tmp:
+        np.savez(tmp, key=keys[:count], label=labels[:count], offset=offsets[:count],
+                 size=sizes[:count], ext=exts[:count], sha1=digests[:count],
+                 bad_key=np.array([b[0] for b in bad], np.int64),
+                 bad_error=np.array([b[1] for b in bad], dtype=str))
+    if hasattr(source, "release"):
+        source.release()
+    return {"shard": shard, "samples": count, "bad": len(bad)}
+
+
+def _verify_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
+                  ) -> dict[str, Any]:
+    """Re-read every sample of ``shard`` and compare it with the source bytes."""
+    import hashlib
+
+    source = _SOURCE
+    out_dir = Path(out)
+    tar_path = out_dir / SHARD_PATTERN.format(shard)
+    part = np.load(out_dir / PARTS_DIR / f"{tar_path.stem}.npz")
+    bad_keys = set(part["bad_key"].tolist())
+    row = 0
+    with open(tar_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for index in range(start, stop):
+            if source.key_of(index) in bad_keys:
+                continue
+            key, label, _, payload, ext = source.get(index)
+            off, size = int(part["offset"][row]), int(part["size"][row])
+            stored = mm[off:off + size]
+            header = mm[off - _BLOCK:off]
+            name = header[:100].rstrip(b"\0").decode()
+            if (stored != payload or name != f"{key}.{ext}"
+                    or int(part["key"][row]) != key or int(part["label"][row]) != label
+                    or hashlib.sha1(stored).hexdigest() != part["sha1"][row].decode()):
+                raise DataError(f"{tar_path}: sample {key} differs from the source "
+                                f"(verify failed)")
+            row += 1
+    if row != len(part["key"]):
+        raise DataError(f"{tar_path}: {len(part['key'])} samples indexed, {row} expected")
+    return {"shard": shard, "samples": row}
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+
+
+def _plan(total: int, shard_size: int) -> list[tuple[int, int, int]]:
+    if shard_size <= 0:
+        raise DataError(f"--shard-size must be positive, got {shard_size}")
+    return [(i, start, min(start + shard_size, total))
+            for i, start in enumerate(range(0, total, shard_size))]
+
+
+def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]],
+         source: Any, out: Path, workers: int, skip_bad: bool, desc: str
+         ) -> Iterator[dict[str, Any]]:
+    """Run ``fn`` over shard tasks, in-process or over a process pool, with a progress bar."""
+    from tqdm import tqdm
+
+    total = sum(stop - start for _, start, stop in tasks)
+    bar = tqdm(total=total, desc=desc, unit="img", mininterval=1.0, disable=None)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            _init_worker(source)
+            for shard, start, stop in tasks:
+                result = fn(str(out), shard, start, stop, skip_bad)
+                bar.update(stop - start)
+                yield result
+            return
+        import multiprocessing as mp
+
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                                 initializer=_init_worker, initargs=(source,)) as pool:
+            pending: dict[Future, int] = {}
+            todo = list(tasks)
+            while todo or pending:
+                while todo and len(pending) < 2 * workers:
+                    shard, start, stop = todo.pop(0)
+                    fut = pool.submit(fn, str(out), shard, start, stop, skip_bad)
+                    pending[fut] = stop - start
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    bar.update(pending.pop(fut))
+                    yield fut.result()
+    finally:
+        bar.close()
+
+
+def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000,
+                 workers: int = 2, verify: bool = False, skip_bad: bool = False,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert a sample source into tar shards + manifest; resumes finished shards."""
+    from facekd.logs import add_file_log
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PARTS_DIR).mkdir(exist_ok=True)
+    handler = add_file_log(out / "convert.log")
+    try:
+        started = time.time()
+        tasks = _plan(len(source), shard_size)
+        plan_file = out / PARTS_DIR / "plan.json"
+        plan = {"source": source.describe(), "samples": len(source), "shard_size": shard_size}
+        if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+            raise DataError(f"{out}: holds shards of a different conversion "
+                            f"({plan_file} differs); use an empty output folder")
+        write_json_atomic(plan_file, plan)
+        todo = [t for t in tasks if not _shard_done(out, t[0])]
+        if len(todo) < len(tasks):
+            log.info("%s: resuming, %d of %d shards already written", out,
+                     len(tasks) - len(todo), len(tasks))
+        for _ in _run(todo, _write_shard, source, out, workers, skip_bad, "rec2shards"):
+            pass
+        summary = _finish(out, tasks, source, extra or {})
+        if verify:
+            for _ in _run(tasks, _verify_shard, source, out, workers, skip_bad, "verify"):
+                pass
+            summary["verified"] = True
+        summary["seconds"] = round(time.time() - started, 3)
+        return summary
+    finally:
+        import logging as _logging
+
+        _logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _shard_done(out: Path, shard: int) -> bool:
+    name = SHARD_PATTERN.format(shard)
+    return (out / name).is_file() and (out / PARTS_DIR / f"{Path(name).stem}.npz").is_file()
+
+
+def _finish(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
+            extra: dict[str, Any]) -> dict[str, Any]:
+    """Concatenate the part indexes into manifest.parquet (streamed) and dataset.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("key", pa.int64()), ("label", pa.int64()), ("shard", pa.int32()),
+                        ("offset", pa.int64()), ("size", pa.int64()), ("ext", pa.string()),
+                        ("sha1", pa.string())])
+    samples = 0
+    bad: list[dict[str, Any]] = []
+    max_label = -1
+    with atomic_path(out / MANIFEST, suffix=".parquet") as tmp, \
+            pq.ParquetWriter(tmp, schema) as writer:
+        for shard, _, _ in tasks:
+            part = np.load(out / PARTS_DIR / f"shard-{shard:06d}.npz")
+            n = len(part["key"])
+            table = pa.table({
+                "key": part["key"], "label": part["label"],
+                "shard": np.full(n, shard, np.int32), "offset": part["offset"],
+                "size": part["size"],
+                "ext": pa.array(part["ext"]).cast(pa.string()),
+                "sha1": pa.array(part["sha1"]).cast(pa.string())}, schema=schema)
+            writer.write_table(table)
+            samples += n
+            if n:
+                max_label = max(max_label, int(part["label"].max()))
+            bad.extend({"key": int(k), "error": str(e)}
+                       for k, e in zip(part["bad_key"], part["bad_error"], strict=True))
+    num_classes = int(getattr(source, "num_classes", 0) or 0) or max_label + 1
+    dataset = {"format": FORMAT_NAME, "version": 1, "samples": samples,
+               "num_classes": num_classes, "shards": [SHARD_PATTERN.format(t[0]) for t in tasks],
+               "manifest": MANIFEST, **source.describe(), "bad_records": len(bad), **extra}
+    write_json_atomic(out / DATASET_JSON, dataset)
+    if bad:
+        lines = "".join(f"{b['key']}\t{b['error']}\n" for b in bad)
+        from facekd.fileio import write_text_atomic
+
+        write_text_atomic(out / "bad_records.txt", lines)
+        log.warning("%s: skipped %d bad records (listed in bad_records.txt)", out, len(bad))
+    return {"out": str(out), "samples": samples, "shards": len(tasks),
+            "num_classes": num_classes, "bad_records": len(bad),
+            "bad_examples": [b["error"] for b in bad[:5]]}
+
+
+def rec2shards(source: str | os.PathLike, out: str | os.PathLike, *, shard_size: int = 10000,
+               workers: int = 2, verify: bool = False, skip_bad: bool = False
+               ) -> dict[str, Any]:
+    """``.rec`` dataset (folder or file) -> WebDataset tar shards + manifest + dataset.json."""
+    return write_shards(RecSamples(source), out, shard_size=shard_size, workers=workers,
+                        verify=verify, skip_bad=skip_bad)
+
+
+# --------------------------------------------------------------------------------------
+# Reading shards
+
+
+class ShardSet:
+    """Random access to a shards folder through its manifest (one mmap per tar, lazily)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        meta_path = self.folder / DATASET_JSON
+        manifest = self.folder / MANIFEST
+        if not manifest.is_file():
+            raise DataError(f"{manifest}: missing; not a facekd shards folder "
+                            f"(convert with 'facekd prep rec2shards')")
+        try:
+            self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta_path}: not valid JSON ({exc.msg})") from None
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(manifest, columns=["key", "label", "shard", "offset",
+                                                     "size"])
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{manifest}: cannot read the manifest ({exc})") from None
+        self.keys = table.column("key").to_numpy()
+        self.labels = table.column("label").to_numpy()
+        self.shards = table.column("shard").to_numpy().astype(np.int64)
+        self.offsets = table.column("offset").to_numpy()
+        self.sizes = table.column("size").to_numpy()
+        names = self.meta.get("shards")
+        if names is None:
+            top = int(self.shards.max()) + 1 if len(self.shards) else 0
+            names = [SHARD_PATTERN.format(i) for i in range(top)]
+        self.shard_names: list[str] = list(names)
+        self.num_classes = int(self.meta.get("num_classes") or
+                               (int(self.labels.max()) + 1 if len(self.labels) else 0))
+        self._maps: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def _map(self, shard: int) -> Any:
+        mm = self._maps.get(shard)
+        if mm is None:
+            path = self.folder / self.shard_names[shard]
+            try:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (FileNotFoundError, ValueError) as exc:
+                raise DataError(f"{path}: cannot open shard ({exc})") from None
+            self._maps[shard] = mm
+        return mm
+
+    def read(self, index: int) -> bytes:
+        """Image bytes of manifest row ``index``."""
+        shard = int(self.shards[index])
+        off = int(self.offsets[index])
+        size = int(self.sizes[index])
+        mm = self._map(shard)
+        if off + size > len(mm):
+            raise DataError(f"{self.folder / self.shard_names[shard]}: sample "
+                            f"{int(self.keys[index])} lies beyond the end of the shard")
+        return mm[off:off + size]
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            mm.close()
+        self._maps = {}
+
+
+def is_shards_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def shards2rec(source: str | os.PathLike, out: str | os.PathLike,
+               progress: bool = True) -> dict[str, Any]:
+    """Shards folder -> insightface ``train.rec``/``train.idx``/``property`` (grouped by label)."""
+    from facekd.data.recordio import write_insightface_dataset
+
+    shards = ShardSet(source)
+    order = np.argsort(shards.labels, kind="stable")
+    labels = shards.labels
+
+    def samples() -> Iterator[tuple[int, bytes]]:
+        for i in order.tolist():
+            yield int(labels[i]), shards.read(i)
+
+    try:
+        summary = write_insightface_dataset(out, samples(), shards.num_classes,
+                                            progress=progress)
+    finally:
+        shards.close()
+    summary["source"] = str(source)
+    return summary
