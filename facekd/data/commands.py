@@ -65,7 +65,9 @@ def _reindex(args: argparse.Namespace) -> int:
 
 
 def _make_bin(args: argparse.Namespace) -> int:
-    _call("facekd.data.binset", "make_bin", pairs=args.pairs, out=args.out, root=args.root)
+    summary = _call("facekd.data.binset", "make_bin", pairs_txt=args.pairs, out_bin=args.out,
+                    root=args.root, resize=args.resize)
+    _print_json(summary)
     return 0
 
 
@@ -76,16 +78,19 @@ def _bin_info(args: argparse.Namespace) -> int:
 
 
 def _align(args: argparse.Namespace) -> int:
-    summary = _call("facekd.data.align", "align_folder", images=args.images,
-                    landmarks=args.landmarks, out=args.out, size=args.size)
+    summary = _call("facekd.data.align", "align_folder", images_dir=args.images,
+                    landmarks_file=args.landmarks, out_dir=args.out, size=args.size)
     _print_json(summary)
     return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
-    summary = _call("facekd.data.synth", "generate", out=args.out,
-                    num_identities=args.identities, images_per_identity=args.images_per_identity,
-                    seed=args.seed)
+    summary = _call("facekd.data.synth", "generate", out_dir=args.out,
+                    identities=args.identities, images_per_id=args.images_per_identity,
+                    seed=args.seed, preset=args.preset, lfw_pairs=args.lfw_pairs,
+                    cfp_pairs=args.cfp_pairs, agedb_pairs=args.agedb_pairs,
+                    ijb_identities=args.ijb_identities,
+                    unlabelled_identities=args.unlabelled_identities, workers=args.workers)
     _print_json(summary)
     return 0
 
@@ -149,6 +154,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pairs", help="text file: 'image1 image2 same(0/1)' per line")
     p.add_argument("out", help="output .bin")
     p.add_argument("--root", default=None, help="folder the image paths are relative to")
+    p.add_argument("--resize", action="store_true",
+                   help="resize images that are not 112x112 instead of refusing them")
     p.set_defaults(func=_make_bin)
 
     p = psub.add_parser("bin-info", help="summary of a verification .bin")
@@ -164,7 +171,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = psub.add_parser("synth", help="generate a small synthetic face dataset")
     p.add_argument("out", help="output dataset folder")
-    p.add_argument("--identities", type=int, default=20)
-    p.add_argument("--images-per-identity", type=int, default=10)
+    p.add_argument("--preset", choices=["tiny", "default"], default="default",
+                   help="size preset; the options below override it")
+    p.add_argument("--identities", type=int, default=None, help="training identities")
+    p.add_argument("--images-per-identity", type=int, default=None)
+    p.add_argument("--lfw-pairs", type=int, default=None, help="0 skips lfw.bin")
+    p.add_argument("--cfp-pairs", type=int, default=None, help="0 skips cfp_fp.bin")
+    p.add_argument("--agedb-pairs", type=int, default=None, help="0 skips agedb_30.bin")
+    p.add_argument("--ijb-identities", type=int, default=None, help="0 skips ijb/")
+    p.add_argument("--unlabelled-identities", type=int, default=None,
+                   help="0 skips unlabelled/")
+    p.add_argument("--workers", type=int, default=None, help="render processes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
