@@ -139,6 +139,62 @@ class _Cycle:
                           "(fewer samples than one batch?)")
 
 
+def _init_shard_like_full(head: nn.Module, seed: int, chunk_rows: int = 65536) -> None:
+    """Fill this rank's Partial FC rows with the rows a 1-process run would draw.
+
+    The full N(0, 0.01) matrix is drawn chunk by chunk from one seeded generator and only
+    the local rows are kept, so any world size starts from the same classifier (in
+    bounded memory) and a DDP run can be compared with a single-process run.
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    start, stop = head.class_start, head.class_start + head.num_local
+    with torch.no_grad():
+        for first in range(0, stop, chunk_rows):
+            rows = min(chunk_rows, head.num_classes - first)
+            block = torch.normal(0.0, 0.01, (rows, head.embedding_size), generator=g)
+            lo, hi = max(first, start), min(first + rows, stop)
+            if lo < hi:
+                head.weight[lo - start:hi - start].copy_(block[lo - first:hi - first])
+
+
+class PartialFCView(nn.Module):
+    """What a method sees of a Partial FC head: margin-free logits over its rows.
+
+    Only a single-process Partial FC holds every class; sharded rows would give each rank
+    a different slice, so methods that read the student's head need a replicated head.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.pfc = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        self._check()
+        return self.pfc.weight
+
+    @property
+    def scale(self) -> float:
+        return self.pfc.scale
+
+    def _check(self) -> None:
+        if self.pfc.world_size > 1:
+            raise ConfigError("this method reads the student's head, which Partial FC shards "
+                              "across ranks; set student.head.partial_fc: false (a replicated "
+                              "head) for multi-process runs of it")
+
+    def centres(self) -> torch.Tensor:
+        self._check()
+        return self.pfc.centres()
+
+    def cos_logits(self, emb: torch.Tensor, class_idx: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        centres = self.centres()
+        if class_idx is not None:
+            centres = centres[class_idx]
+        return self.pfc.scale * F.linear(F.normalize(emb.float(), dim=1), centres)
+
+
 class Trainer:
     """One training run; ``Trainer(recipe).run()`` returns the run folder.
 
@@ -328,16 +384,19 @@ class Trainer:
             from facekd.models.partial_fc import PartialFC
 
             self.head = PartialFC(
-                embedding_size=r.student.embedding_size, num_classes=self.num_classes,
-                sample_rate=h.sample_rate, kind=h.type, scale=h.scale, margin=h.margin,
-                m1=h.m1, m2=h.m2, m3=h.m3, rank=self.dist.rank,
+                r.student.embedding_size, self.num_classes, kind=h.type, scale=h.scale,
+                margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, sample_rate=h.sample_rate,
+                seed=r.run.seed, rank=self.dist.rank,
                 world_size=self.dist.world_size).to(self.device)
+            _init_shard_like_full(self.head, r.run.seed)
+            self.method_head: nn.Module = PartialFCView(self.head)
         else:
             from facekd.models.heads import create_head
 
             self.head = create_head(h.type, r.student.embedding_size, self.num_classes,
                                     scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2,
                                     m3=h.m3).to(self.device)
+            self.method_head = self.head
         if self.dist.enabled:
             if self.device.type == "cuda" and r.run.sync_bn:
                 self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
@@ -376,16 +435,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _head_state(self) -> dict[str, Any]:
-        """The full head (all class centres), whatever the world size."""
-        full = getattr(self.head, "full_state_dict", None)
-        return full() if callable(full) else self.head.state_dict()
+        """The full head (all class centres), whatever the world size (collective)."""
+        return self.head.export_state()
 
-    def _load_head_state(self, state: dict[str, Any]) -> None:
-        load_full = getattr(self.head, "load_full_state_dict", None)
-        if callable(load_full):
-            load_full(state)
-        else:
-            self.head.load_state_dict(state)
+    def _load_head_state(self, state: dict[str, Any], source: str) -> None:
+        load = getattr(self.head, "load_export_state", None)
+        if callable(load):
+            load(state, source=source)
+            return
+        weight = state.get("weight")
+        if not isinstance(weight, torch.Tensor) or weight.shape != self.head.weight.shape:
+            from facekd.errors import CheckpointError
+
+            raise CheckpointError(f"{source}: head weight does not fit "
+                                  f"{list(self.head.weight.shape)}")
+        with torch.no_grad():
+            self.head.weight.copy_(weight.to(self.head.weight.device))
 
     def state(self, step: int, epoch: int, in_epoch: int) -> dict[str, Any] | None:
         """The resume state (collective: every rank must call it); None on other ranks."""
@@ -442,7 +507,7 @@ class Trainer:
                                   f"'{state.get('arch')}', the recipe says "
                                   f"'{self.recipe.student.arch}'; use a new run.output")
         _unwrap(self.student_ddp).load_state_dict(state["student"])
-        self._load_head_state(state["head"])
+        self._load_head_state(state["head"], str(path))
         self.method.load_state_dict(state["method"])
         saved_opt = state["optimizer"]
         ranks = state["ranks"]
@@ -535,7 +600,8 @@ class Trainer:
             emb = self.student_ddp(images)
             feats = self.hooks.ordered() if self.hooks is not None else []
             teacher = self.teacher_output(images, keys, flipped, n_labelled)
-            terms = self.method(StudentOutput(embedding=emb, features=feats, head=self.head),
+            terms = self.method(StudentOutput(embedding=emb, features=feats,
+                                              head=self.method_head),
                                 teacher, labels)
             ce = self.student_ce(emb[:n_labelled], labels[:n_labelled])
         total = self.weights.get("ce", 1.0) * ce.float()
@@ -683,6 +749,7 @@ class Trainer:
 
     def finish(self, result: dict[str, Any]) -> None:
         """student.pt, full.pt and summary.json (rank 0)."""
+        head_state = self._head_state()  # collective under Partial FC
         if not self.dist.is_main:
             return
         from facekd.fileio import write_json_atomic
@@ -695,12 +762,8 @@ class Trainer:
                 "num_classes": self.num_classes, "eval": result["eval"]}
         save_checkpoint(self.out / "student.pt", student, r.student.arch, self.arch_kwargs,
                         meta=meta)
-        head_cfg = {"kind": r.student.head.type, "embedding_size": r.student.embedding_size,
-                    "num_classes": self.num_classes, "scale": r.student.head.scale,
-                    "margin": r.student.head.margin, "m1": r.student.head.m1,
-                    "m2": r.student.head.m2, "m3": r.student.head.m3}
         save_checkpoint(self.out / "full.pt", student, r.student.arch, self.arch_kwargs,
-                        head={"state_dict": self._head_state(), "config": head_cfg},
+                        head=head_state,
                         meta={**meta, "method_state": self.method.state_dict()})
         summary = {
             "run": str(self.out), "method": r.method.name, "student": r.student.arch,
