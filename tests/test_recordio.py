@@ -191,7 +191,7 @@ def test_fuzz_random_bytes_only_raise_data_error(data, idx):
             _read_everything(folder, use_idx=idx is not None)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_fuzz_mutated_multipart_file_only_raises_data_error(data):
     original = bytearray((FIXTURES / "multipart" / "train.rec").read_bytes())

@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -394,8 +395,9 @@ def rec2shards(source: str | os.PathLike, out: str | os.PathLike, *, shard_size:
 class ShardSet:
     """Random access to a shards folder through its manifest (one mmap per tar, lazily)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, max_open: int | None = None) -> None:
         self.folder = Path(folder)
+        self.max_open = max_open  # None: keep every shard mapped (random access)
         meta_path = self.folder / DATASET_JSON
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
@@ -424,19 +426,24 @@ class ShardSet:
         self.shard_names: list[str] = list(names)
         self.num_classes = int(self.meta.get("num_classes") or
                                (int(self.labels.max()) + 1 if len(self.labels) else 0))
-        self._maps: dict[int, Any] = {}
+        self._maps: OrderedDict[int, Any] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_maps"] = {}
+        state["_maps"] = OrderedDict()
         return state
 
     def _map(self, shard: int) -> Any:
         mm = self._maps.get(shard)
-        if mm is None:
+        if mm is not None:
+            if self.max_open is not None:
+                self._maps.move_to_end(shard)
+        else:
+            if self.max_open is not None and len(self._maps) >= self.max_open:
+                self._maps.popitem(last=False)[1].close()  # unmapped: RSS stays flat
             path = self.folder / self.shard_names[shard]
             try:
                 with open(path, "rb") as f:
@@ -460,7 +467,7 @@ class ShardSet:
     def close(self) -> None:
         for mm in self._maps.values():
             mm.close()
-        self._maps = {}
+        self._maps = OrderedDict()
 
 
 def is_shards_folder(path: str | os.PathLike) -> bool:
@@ -472,7 +479,7 @@ def shards2rec(source: str | os.PathLike, out: str | os.PathLike,
     """Shards folder -> insightface ``train.rec``/``train.idx``/``property`` (grouped by label)."""
     from facekd.data.recordio import write_insightface_dataset
 
-    shards = ShardSet(source)
+    shards = ShardSet(source, max_open=4)
     order = np.argsort(shards.labels, kind="stable")
     labels = shards.labels
 
