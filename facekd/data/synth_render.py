@@ -87,8 +87,11 @@ class Identity:
     def vector(self) -> np.ndarray:
         """All parameters flattened (for checks that identities really differ)."""
         parts = []
-        for value in self.__dict__.values():
-            parts.append(np.ravel(np.asarray(value, dtype=np.float64)))
+        for name, value in self.__dict__.items():
+            value = np.asarray(value, dtype=np.float64)
+            if name == "moles":  # 0-3 moles: pad to a fixed length
+                value = np.concatenate([value.reshape(-1, 3), np.zeros((3 - len(value), 3))])
+            parts.append(np.ravel(value))
         return np.concatenate(parts)
 
 
@@ -141,7 +144,7 @@ def sample_identity(rng: np.random.Generator) -> Identity:
         jaw=u(0.58, 0.92),
         chin=u(0.0, 0.3),
         eye_y=u(-0.30, -0.14),
-        eye_dx=u(0.34, 0.46),
+        eye_dx=u(0.32, 0.42),
         eye_w=u(0.14, 0.22),
         eye_h=u(0.38, 0.6),
         eye_tilt=u(-0.14, 0.14),
@@ -152,12 +155,12 @@ def sample_identity(rng: np.random.Generator) -> Identity:
         brow_len=u(0.18, 0.3),
         brow_angle=u(-0.22, 0.22),
         brow_arch=u(0.0, 0.08),
-        nose_y=u(0.14, 0.3),
+        nose_y=u(0.1, 0.26),
         nose_w=u(0.09, 0.18),
         nose_len=u(0.18, 0.34),
         nose_depth=u(0.15, 0.35),
-        mouth_y=u(0.48, 0.66),
-        mouth_w=u(0.2, 0.34),
+        mouth_y=u(0.52, 0.72),
+        mouth_w=u(0.24, 0.36),
         lip_thick=u(0.03, 0.085),
         lip_colour=np.clip(skin * np.array([0.95, 0.62, 0.62]) + rng.normal(0, 8, 3), 0, 255),
         skin=np.clip(skin, 0, 255),
@@ -194,7 +197,7 @@ def sample_nuisance(
     f = rng.random(14)
     if yaw_deg is None:
         yaw_deg = float(np.clip(g[0] * yaw_sigma_deg * s, -50, 50))
-    occ = f[0] / s
+    occ = f[0] / s if s > 0 else 1.0
     occluder = 1 if occ < 0.12 else 2 if occ < 0.16 else 3 if occ < 0.19 else 4 if occ < 0.24 else 0
     return Nuisance(
         yaw=float(np.deg2rad(yaw_deg)),
@@ -213,7 +216,7 @@ def sample_nuisance(
         ambient=float(np.exp(g[8] * 0.18 * s)),
         colour_gain=np.exp(rng.standard_normal(3) * 0.07 * s),
         gamma=float(np.exp(g[9] * 0.15 * s)),
-        blur=float(0.2 + f[7] * (1.6 * s - 0.2)) if f[8] < 0.5 else 0.0,
+        blur=float(f[7] * 1.6 * s) if f[8] < 0.5 else 0.0,
         noise=float(f[9] * 9 * s),
         occluder=occluder,
         glasses=bool(f[10] < identity.glasses),
