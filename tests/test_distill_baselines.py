@@ -141,3 +141,23 @@ def test_gradients_reach_only_student_side(name):
         assert p.grad is not None, pname
     if name == "kd":
         assert head.weight.grad is not None
+
+
+def test_kd_sampled_equals_full_restricted_with_real_head():
+    heads = pytest.importorskip("facekd.models.heads")
+    from facekd.distill.connectors import kd_kl, sample_classes
+
+    torch.manual_seed(2)
+    head = heads.create_head("arcface", 4, 30, scale=16.0)
+    emb, t, centres = torch.randn(3, 4), torch.randn(3, 6), torch.randn(30, 6)
+    labels = torch.tensor([4, 21, -1])
+    kd = create_method("kd", student_dim=4, teacher_dim=6, num_classes=30,
+                       params={"num_negatives": 5})
+    torch.manual_seed(9)
+    idx = sample_classes(labels, 30, 5)
+    torch.manual_seed(9)
+    sampled = kd(StudentOutput(emb, head=head), TeacherOutput(t, centres, 16.0), labels)["kd"]
+    full_t = 16.0 * F.normalize(t, dim=1) @ F.normalize(centres, dim=1).t()
+    full_s = head.cos_logits(emb)
+    expected = kd_kl(full_s[:, idx], full_t[:, idx], 4.0)
+    assert sampled.item() == pytest.approx(expected.item(), rel=1e-5)

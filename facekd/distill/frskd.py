@@ -32,7 +32,7 @@ from facekd.errors import ConfigError
 class FRSKDParams:
     """Defaults: paper's T = 4; embedding (cosine) soft target for many-class faces."""
 
-    width: int = 128                              # channels of the fused maps
+    width: int = 64                               # channels of the fused maps
     pool: Literal["gdc", "avg"] = "gdc"
     gdc_size: int = 7                             # side of the last map (112 px input: 7)
     soft_target: Literal["cosine", "kd"] = "cosine"
