@@ -253,9 +253,21 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
 
 
 def template_index(unique_templates: np.ndarray, ids: np.ndarray, what: str = "pair") -> np.ndarray:
-    """Row of each template id in ``unique_templates`` (sorted); DataError if one is unknown."""
-    pos = np.clip(np.searchsorted(unique_templates, ids), 0, len(unique_templates) - 1)
-    bad = np.flatnonzero(unique_templates[pos] != ids)
+    """Row (int32) of each template id in ``unique_templates`` (sorted); DataError if unknown.
+
+    A direct lookup table when ids are small integers (IJB ids are), else binary search.
+    """
+    ids = np.asarray(ids)
+    n_t = len(unique_templates)
+    lo, hi = int(unique_templates[0]), int(unique_templates[-1])
+    if len(ids) and lo >= 0 and hi < 64 * max(n_t, len(ids)) + 1_000_000:
+        table = np.full(hi + 2, -1, dtype=np.int32)
+        table[unique_templates] = np.arange(n_t, dtype=np.int32)
+        pos = table[np.clip(ids, -1, hi + 1)]
+        bad = np.flatnonzero(pos < 0)
+    else:
+        pos = np.clip(np.searchsorted(unique_templates, ids), 0, n_t - 1).astype(np.int32)
+        bad = np.flatnonzero(unique_templates[pos] != ids)
     if len(bad):
         raise DataError(f"{what} {bad[0] + 1}: template {int(ids[bad[0]])} has no images")
     return pos
@@ -265,35 +277,53 @@ def pair_scores(template_feats: np.ndarray, i1: np.ndarray, i2: np.ndarray,
                 tile: int = 1024) -> np.ndarray:
     """Dot products ``template_feats[i1[k]] . template_feats[i2[k]]`` for every pair.
 
-    Pairs are grouped by (tile of i1, tile of i2); each group is scored with one dense
-    product of just the templates it uses (BLAS, bounded to tile x tile), or by row
-    gathering when the group is too sparse for a product to pay off.
+    The templates that occur first / second in pairs are compacted into two matrices and
+    the pairs grouped by (row tile, column tile) of those; a tile dense enough is scored
+    by one BLAS product (at most tile x tile floats), a sparse one by gathering rows.
+    Memory beyond the output is a few int32/int64 arrays of the pair count.
     """
     n = len(i1)
     scores = np.empty(n, dtype=np.float64)
     if n == 0:
         return scores
-    b1 = i1 // tile
-    b2 = i2 // tile
-    n_b = int(max(b1.max(), b2.max())) + 1
-    key = b1 * n_b + b2
+    n_t = len(template_feats)
+    rows_a, r = _compact(i1, n_t)
+    rows_b, c = _compact(i2, n_t)
+    feats_a = template_feats[rows_a]
+    feats_b = template_feats[rows_b]
+    n_tc = (len(rows_b) + tile - 1) // tile
+    n_tr = (len(rows_a) + tile - 1) // tile
+    key = (r // tile) * n_tc + (c // tile)
+    if n_tr * n_tc <= np.iinfo(np.uint16).max:
+        key = key.astype(np.uint16)  # numpy's stable sort is a linear radix sort for 16 bits
     order = np.argsort(key, kind="stable")
     key_sorted = key[order]
     starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
     ends = np.append(starts[1:], n)
+    tile_keys = key_sorted[starts]
     del key, key_sorted
-    for s, e in zip(starts, ends, strict=True):
+    for s, e, k in zip(starts, ends, tile_keys, strict=True):
         idx = order[s:e]
-        r = i1[idx]
-        c = i2[idx]
-        ur, rinv = np.unique(r, return_inverse=True)
-        uc, cinv = np.unique(c, return_inverse=True)
-        if len(ur) * len(uc) <= 32 * len(idx):
-            block = template_feats[ur] @ template_feats[uc].T
-            scores[idx] = block[rinv, cinv]
+        r0 = int(k // n_tc) * tile
+        c0 = int(k % n_tc) * tile
+        rr = r[idx] - r0
+        cc = c[idx] - c0
+        fa = feats_a[r0:r0 + tile]
+        fb = feats_b[c0:c0 + tile]
+        if len(fa) * len(fb) <= 32 * len(idx):
+            scores[idx] = (fa @ fb.T)[rr, cc]
         else:
-            scores[idx] = np.einsum("ij,ij->i", template_feats[r], template_feats[c])
+            scores[idx] = np.einsum("ij,ij->i", fa[rr], fb[cc])
     return scores
+
+
+def _compact(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values of ``index`` and each element's position among them (int32)."""
+    present = np.zeros(size, dtype=bool)
+    present[index] = True
+    rows = np.flatnonzero(present)
+    remap = np.cumsum(present, dtype=np.int32) - 1
+    return rows, remap[index]
 
 
 def nearest_fpr_tar(fpr: np.ndarray, tpr: np.ndarray, fars: tuple[float, ...] = FAR_GRID

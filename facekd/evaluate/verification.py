@@ -70,9 +70,11 @@ def binary_roc(labels: np.ndarray, scores: np.ndarray,
                drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``sklearn.metrics.roc_curve`` for 0/1 labels (higher score = more likely genuine).
 
-    Same rule as sklearn (stable descending sort, one point per distinct score,
-    collinear points dropped where both second differences are zero, a (0, 0) point
-    prepended), computed with integer counts so it does not depend on the sklearn version.
+    Same points as sklearn (one per distinct score, collinear points dropped where both
+    second differences are zero, a (0, 0) point prepended) from the same integer counts:
+    at each distinct score v, TP = genuine scores >= v and FP = all scores >= v - TP.
+    Counting with two plain sorts instead of sklearn's stable argsort is several times
+    faster on IJB-C's 15.7M pairs and does not depend on the sklearn version.
     Returns ``fpr, tpr, thresholds`` in sklearn's (increasing FPR) order.
     """
     labels = np.asarray(labels).ravel()
@@ -81,19 +83,20 @@ def binary_roc(labels: np.ndarray, scores: np.ndarray,
         raise ValueError("labels and scores differ in length")
     if not np.isfinite(scores).all():
         raise DataError("scores contain NaN or inf (check the embeddings)")
-    order = np.argsort(-scores, kind="stable")
-    s_sorted = scores[order]
-    positives = labels[order] == 1
-    last = np.flatnonzero(np.diff(s_sorted))
-    idx = np.concatenate([last, [len(s_sorted) - 1]])
-    tps = np.cumsum(positives, dtype=np.int64)[idx]
-    fps = 1 + idx - tps
-    thr = s_sorted[idx]
+    n = len(scores)
+    ascending = np.sort(scores)
+    run_start = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]])
+    thr = ascending[run_start][::-1]  # distinct scores, descending
+    n_ge = (n - run_start)[::-1]  # samples with score >= thr
+    del ascending, run_start
+    genuine = np.sort(scores[labels == 1])
+    tps = len(genuine) - np.searchsorted(genuine, thr, side="left")
+    fps = n_ge - tps
+    del n_ge, genuine
     if drop_intermediate and len(fps) > 2:
-        keep = np.concatenate([[True],
-                               np.logical_or(np.diff(fps, 2), np.diff(tps, 2)),
-                               [True]])
-        keep = np.flatnonzero(keep)
+        keep = np.empty(len(fps), dtype=bool)
+        keep[0] = keep[-1] = True
+        np.logical_or(np.diff(fps, 2), np.diff(tps, 2), out=keep[1:-1])
         tps, fps, thr = tps[keep], fps[keep], thr[keep]
     tps = np.concatenate([[0], tps])
     fps = np.concatenate([[0], fps])
