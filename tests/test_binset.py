@@ -83,6 +83,20 @@ def test_numpy_globals_only_with_uint8(tmp_path: Path) -> None:
         load_bin(bad)
 
 
+def test_numpy_arrays_in_any_protocol(tmp_path: Path) -> None:
+    bins, issame = load_bin(VERIFICATION / "tiny_pairs.bin")
+    arrays = [np.frombuffer(b, np.uint8).copy() for b in bins]
+    arrays[1] = arrays[1].reshape(-1, 1)  # older OpenCV returned (N, 1)
+    for protocol in (2, 4):
+        path = tmp_path / f"arrays{protocol}.bin"
+        path.write_bytes(pickle.dumps((arrays, issame), protocol=protocol))
+        assert load_bin(path) == (bins, issame)
+    # only uint8 arrays: a bool array needs numpy.dtype('b1'), which is refused
+    path.write_bytes(pickle.dumps((arrays, np.array(issame)), protocol=4))
+    with pytest.raises(DataError, match="only uint8"):
+        load_bin(path)
+
+
 def test_bad_files(tmp_path: Path) -> None:
     not_pickle = tmp_path / "text.bin"
     not_pickle.write_text("hello, not a pickle\n")
