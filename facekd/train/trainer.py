@@ -213,6 +213,7 @@ class Trainer:
         self.device = torch.device("cpu")
         self._owns_group = False
         self._log_handler: logging.Handler | None = None
+        self.hooks: Any = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -229,6 +230,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(r, self.out / "recipe.yaml")
             self._log_handler = add_file_log(self.out / "train.log")
+        # The run's log file wants INFO even when the caller left logging unconfigured.
+        package_log = logging.getLogger("facekd")
+        self._saved_level = package_log.level
+        if package_log.getEffectiveLevel() > logging.INFO:
+            package_log.setLevel(logging.INFO)
         barrier(self.dist)
         self.seed = r.run.seed
         # The same seed on every rank while building, so replicated parts start equal;
@@ -787,6 +793,8 @@ class Trainer:
     def close(self) -> None:
         if self.hooks is not None:
             self.hooks.remove()
+        if hasattr(self, "_saved_level"):
+            logging.getLogger("facekd").setLevel(self._saved_level)
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
