@@ -81,7 +81,16 @@ def machine() -> dict[str, Any]:
     import os
 
     return {"python": sys.version.split()[0], "platform": platform.platform(),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+
+
+def load_note() -> str:
+    """The machine is shared: say how busy it was, since that moves every ratio."""
+    import os
+
+    one, five, _ = os.getloadavg()
+    return (f"Load average during the run: {one:.1f} (1 min), {five:.1f} (5 min) on "
+            f"{os.cpu_count()} CPUs shared with other jobs.")
 
 
 def write_results(name: str, title: str, rows: list[dict[str, Any]], columns: list[str],

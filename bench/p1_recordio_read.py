@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._prepdata import WORK, ensure_mxnet_venv, make_rec, write_results
+from bench._prepdata import WORK, load_note, ensure_mxnet_venv, make_rec, write_results
 from facekd.data.recordio import open_rec
 
 MXNET_SCRIPT = r"""
@@ -156,6 +156,7 @@ def main() -> None:
               f"MXNet unavailable ({how}); compared with the plain reader only."),
              "Payload bytes of facekd and MXNet checked identical on the first 500 reads."
              if mx else "",
+             load_note(),
              "Command: .venv/bin/python -m bench.p1_recordio_read"]
     md = write_results("p1_recordio", "P1: random-access RecordIO reads", rows,
                        ["reader", "reads/s", "facekd reader[key] speed-up"],

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from facekd.data.recordio import label_to_int
 from facekd.errors import DataError
 from facekd.fileio import atomic_path, write_json_atomic
 
@@ -44,20 +45,11 @@ _ZEROS = bytes(_BLOCK * 2)
 # Hand-written ustar headers
 
 
-def _tar_template() -> tuple[bytearray, int]:
-    header = bytearray(_BLOCK)
-    header[100:108] = b"0000644\0"  # mode
-    header[108:116] = b"0000000\0"  # uid
-    header[116:124] = b"0000000\0"  # gid
-    header[136:148] = b"00000000000\0"  # mtime 0: reproducible bytes
-    header[148:156] = b" " * 8  # checksum field counts as spaces while summing
-    header[156:157] = b"0"  # regular file
-    header[257:263] = b"ustar\0"
-    header[263:265] = b"00"
-    return header, sum(header)
-
-
-_TEMPLATE, _TEMPLATE_SUM = _tar_template()
+_HEAD_MID = b"0000644\0" b"0000000\0" b"0000000\0"  # mode, uid, gid (bytes 100-124)
+_HEAD_MTIME = b"00000000000\0"  # mtime 0 (bytes 136-148): reproducible shards
+_HEAD_TAIL = (b"0" + bytes(100) + b"ustar\0" + b"00").ljust(_BLOCK - 156, b"\0")  # 156-512
+_NAME_PAD = bytes(100)
+_BASE_SUM = sum(_HEAD_MID) + sum(_HEAD_MTIME) + sum(_HEAD_TAIL) + 8 * 32  # chksum as spaces
 
 
 def tar_header(name: bytes, size: int) -> bytes:
@@ -65,12 +57,9 @@ def tar_header(name: bytes, size: int) -> bytes:
     if len(name) > 100:
         raise DataError(f"tar member name longer than 100 bytes: {name[:40]!r}...")
     size_field = b"%011o\0" % size
-    header = _TEMPLATE.copy()
-    header[0:len(name)] = name
-    header[124:136] = size_field
-    checksum = _TEMPLATE_SUM + sum(name) + sum(size_field)  # template name/size are zeros
-    header[148:156] = b"%06o\0 " % checksum
-    return bytes(header)
+    checksum = _BASE_SUM + sum(name) + sum(size_field)
+    return b"".join((name, _NAME_PAD[len(name):], _HEAD_MID, size_field, _HEAD_MTIME,
+                     b"%06o\0 " % checksum, _HEAD_TAIL))
 
 
 def image_ext(payload: bytes | memoryview) -> str | None:
@@ -83,8 +72,16 @@ def image_ext(payload: bytes | memoryview) -> str | None:
     return None
 
 
-def check_image_bytes(payload: bytes, where: str) -> str:
-    """Cheap structural check (no decode): JPEG/PNG signature and end marker."""
+def check_image_bytes(payload: bytes, where: Any, key: int | None = None) -> str:
+    """Cheap structural check (no decode): JPEG/PNG signature and end marker.
+
+    ``where`` (and ``key``) only name the record in the error message.
+    """
+    head = payload[:3]
+    if head == b"\xff\xd8\xff" and b"\xff\xd9" in payload[-64:]:
+        return "jpg"  # the common case, checked without building any string
+    if key is not None:
+        where = f"{where}: key {key}"
     ext = image_ext(payload)
     if ext is None:
         raise DataError(f"{where}: payload of {len(payload)} bytes is not a JPEG or PNG image "
@@ -112,19 +109,29 @@ class RecSamples:
         self.path = str(path)
         self.reader = open_rec(path)
         self.keys = self.reader.image_keys()
+        self._key_list = memoryview(self.keys)  # Python ints on indexing
         self.num_classes = self.reader.num_classes
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_key_list"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._key_list = memoryview(self.keys)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def get(self, index: int) -> tuple[int, int, int, bytes, str]:
         """``(key, label, flag, image bytes, ext)`` of sample ``index``."""
-        from facekd.data.recordio import label_to_int
-
-        key = int(self.keys[index])
+        key = self._key_list[index]
         header, payload = self.reader[key]
-        ext = check_image_bytes(payload, f"{self.reader.rec_path}: key {key}")
-        return key, label_to_int(header.label), header.flag, payload, ext
+        ext = check_image_bytes(payload, self.reader.rec_path, key)
+        label = header.label
+        return key, int(label) if header.flag == 0 else label_to_int(label), header.flag, \
+            payload, ext
 
     def key_of(self, index: int) -> int:
         return int(self.keys[index])
@@ -157,28 +164,34 @@ def _sample_json(key: int, label: int, flag: int) -> bytes:
 
 def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
                  ) -> dict[str, Any]:
-    """Write shard ``shard`` from samples ``start:stop`` and its part index; returns stats."""
-    source = _SOURCE
-    out_dir = Path(out)
-    final = out_dir / SHARD_PATTERN.format(shard)
-    n = stop - start
-    keys = np.empty(n, np.int64)
-    labels = np.empty(n, np.int64)
-    offsets = np.empty(n, np.int64)
-    sizes = np.empty(n, np.int64)
-    exts = np.empty(n, "S3")
-    digests = np.empty(n, "S40")
-    bad: list[tuple[int, str]] = []
-    count = 0
+    """Write shard ``shard`` from samples ``start:stop`` and its part index; returns stats.
+
+    The loop appends to plain lists and writes in batches: per-sample numpy stores and
+    one ``write`` per tar block cost more than the copying itself.
+    """
     import hashlib
 
+    source = _SOURCE
+    get = source.get
+    out_dir = Path(out)
+    final = out_dir / SHARD_PATTERN.format(shard)
+    keys: list[int] = []
+    labels: list[int] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    exts: list[bytes] = []
+    digests: list[bytes] = []
+    bad: list[tuple[int, str]] = []
     sha1 = hashlib.sha1
-    with atomic_path(final) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
+    zeros = _ZEROS
+    header = tar_header
+    with atomic_path(final) as tmp, open(tmp, "wb", buffering=0) as f:
         pos = 0
-        write = f.write
+        chunks: list[bytes] = []
+        pending = 0
         for index in range(start, stop):
             try:
-                key, label, flag, payload, ext = source.get(index)
+                key, label, flag, payload, ext = get(index)
             except DataError as exc:
                 if not skip_bad:
                     raise
@@ -186,31 +199,39 @@ def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
                 continue
             name = b"%d." % key
             size = len(payload)
-            write(tar_header(name + ext.encode(), size))
-            write(payload)
             pad = -size & 511
-            if pad:
-                write(_ZEROS[:pad])
-            meta = _sample_json(key, label, flag)
-            write(tar_header(name + b"json", len(meta)))
-            write(meta)
-            write(_ZEROS[:-len(meta) & 511])
-            keys[count], labels[count], sizes[count] = key, label, size
-            offsets[count] = pos + _BLOCK
-            exts[count] = ext.encode()
-            digests[count] = sha1(payload).hexdigest().encode()
-            count += 1
-            pos += _BLOCK + size + pad + _BLOCK + len(meta) + (-len(meta) & 511)
-        write(_ZEROS)  # end-of-archive: two zero blocks
+            meta = b'{"label": %d, "key": %d, "flag": %d}' % (label, key, flag)
+            ext_b = _EXT_BYTES[ext]
+            chunks += (header(name + ext_b, size), payload, zeros[:pad],
+                       header(name + b"json", len(meta)), meta, zeros[:-len(meta) & 511])
+            keys.append(key)
+            labels.append(label)
+            sizes.append(size)
+            offsets.append(pos + _BLOCK)
+            exts.append(ext_b)
+            digests.append(sha1(payload).digest())
+            pos += 3 * _BLOCK + size + pad
+            pending += size
+            if pending > (4 << 20):
+                f.write(b"".join(chunks))  # one syscall per ~4 MB
+                chunks.clear()
+                pending = 0
+        chunks.append(zeros)  # end-of-archive: two zero blocks
+        f.write(b"".join(chunks))
     part = out_dir / PARTS_DIR / f"{final.stem}.npz"
     with atomic_path(part, suffix=".npz") as tmp:
-        np.savez(tmp, key=keys[:count], label=labels[:count], offset=offsets[:count],
-                 size=sizes[:count], ext=exts[:count], sha1=digests[:count],
+        np.savez(tmp, key=np.array(keys, np.int64), label=np.array(labels, np.int64),
+                 offset=np.array(offsets, np.int64), size=np.array(sizes, np.int64),
+                 ext=np.array(exts, "S3"),
+                 sha1=np.frombuffer(b"".join(digests), np.uint8).reshape(-1, 20),
                  bad_key=np.array([b[0] for b in bad], np.int64),
                  bad_error=np.array([b[1] for b in bad], dtype=str))
     if hasattr(source, "release"):
         source.release()
-    return {"shard": shard, "samples": count, "bad": len(bad)}
+    return {"shard": shard, "samples": len(keys), "bad": len(bad)}
+
+
+_EXT_BYTES = {"jpg": b"jpg", "png": b"png"}
 
 
 def _verify_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
@@ -235,7 +256,7 @@ def _verify_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
             name = header[:100].rstrip(b"\0").decode()
             if (stored != payload or name != f"{key}.{ext}"
                     or int(part["key"][row]) != key or int(part["label"][row]) != label
-                    or hashlib.sha1(stored).hexdigest() != part["sha1"][row].decode()):
+                    or hashlib.sha1(stored).digest() != part["sha1"][row].tobytes()):
                 raise DataError(f"{tar_path}: sample {key} differs from the source "
                                 f"(verify failed)")
             row += 1
@@ -357,7 +378,7 @@ def _finish(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
                 "shard": np.full(n, shard, np.int32), "offset": part["offset"],
                 "size": part["size"],
                 "ext": pa.array(part["ext"]).cast(pa.string()),
-                "sha1": pa.array(part["sha1"]).cast(pa.string())}, schema=schema)
+                "sha1": _hex_digests(part["sha1"])}, schema=schema)
             writer.write_table(table)
             samples += n
             if n:
@@ -378,6 +399,19 @@ def _finish(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
     return {"out": str(out), "samples": samples, "shards": len(tasks),
             "num_classes": num_classes, "bad_records": len(bad),
             "bad_examples": [b["error"] for b in bad[:5]]}
+
+
+def _hex_digests(raw: np.ndarray) -> Any:
+    """(n, 20) uint8 digests -> pyarrow strings of 40-char hex (vectorised, no per-row str)."""
+    import pyarrow as pa
+
+    nibbles = raw.reshape(-1, 20)
+    table = np.frombuffer(b"0123456789abcdef", np.uint8)
+    chars = np.empty((len(raw), 40), np.uint8)
+    chars[:, 0::2] = table[nibbles >> 4]
+    chars[:, 1::2] = table[nibbles & 15]
+    return pa.array(chars.reshape(-1).view("S40") if len(raw) else np.zeros(0, "S40")
+                    ).cast(pa.string())
 
 
 def rec2shards(source: str | os.PathLike, out: str | os.PathLike, *, shard_size: int = 10000,
