@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._prepdata import WORK, load_note, ensure_mxnet_venv, make_rec, write_results
+from bench._prepdata import WORK, ensure_mxnet_venv, load_note, make_rec, write_results
 from facekd.data.recordio import open_rec
 
 MXNET_SCRIPT = r"""
