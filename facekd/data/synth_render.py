@@ -17,6 +17,7 @@ shading, which renders several hundred 112x112 faces per second on one core.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -379,6 +380,10 @@ def _colour(rgb: np.ndarray) -> tuple[float, float, float]:
     return (float(rgb[0]), float(rgb[1]), float(rgb[2]))
 
 
+def _scaled(rgb: list[float], factor: float) -> tuple[float, float, float]:
+    return (rgb[0] * factor, rgb[1] * factor, rgb[2] * factor)
+
+
 _GRID_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -398,6 +403,7 @@ _ARC24 = np.linspace(-np.pi, 0.0, 24)
 _T11 = np.linspace(-1.0, 1.0, 11)
 _BEND11 = 1.0 - _T11**2
 _GREY_HAIR = np.array([185.0, 185.0, 190.0])
+_BLUSH = np.array([200.0, 60.0, 60.0])
 
 
 class FaceRenderer:
@@ -456,7 +462,10 @@ class FaceRenderer:
         angle = float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0])))
         px = np.stack([geo.u, geo.v], axis=1) @ matrix[:, :2].T + matrix[:, 2]
         lm_px = px[lm_sl]
+        fx = _fixed(px)  # every point in OpenCV fixed point, once
+        pts = fx.tolist()  # python scalars: far cheaper to index than numpy rows
         vis = geo.vis
+        visl = vis.tolist()
         rng = np.random.default_rng(nuis.seed)
         aa = cv2.LINE_AA
 
@@ -475,10 +484,11 @@ class FaceRenderer:
                             (float(row[5] * 255), float(row[6] * 255), float(row[7] * 255)), -1,
                             aa, SHIFT)
 
-        hair_mix = float(np.clip((age - 0.45) * 1.6, 0, 0.85))
+        hair_mix = min(max((age - 0.45) * 1.6, 0.0), 0.85)
         hair = ident.hair * (1 - hair_mix) + _GREY_HAIR * hair_mix
         skin = ident.skin * (1 - 0.08 * age)
-        widen = float(np.sqrt(np.cos(nuis.yaw) ** 2 + (ident.depth * sin_yaw) ** 2))
+        skin_l = skin.tolist()
+        widen = math.sqrt(math.cos(nuis.yaw) ** 2 + (ident.depth * sin_yaw) ** 2)
 
         # ---- back hair (behind the head)
         vol = ident.hair_volume * (1 - 0.5 * age)
@@ -491,85 +501,88 @@ class FaceRenderer:
             cv2.fillPoly(img, [to_px(hb_u, hb_v)], _colour(hair), aa, SHIFT)
 
         # ---- ears at the silhouette, narrowing as they turn away
-        for k in range(2):
-            ev = vis[ear_sl][k]
+        for k in range(ear_sl.start, ear_sl.stop):
+            ev = visl[k]
             if ev > -0.35:
                 axes = (int(scale * ident.ear_size * 0.55 * min(1.0, max(0.25, ev + 0.6)) * ONE),
                         int(scale * ident.ear_size * ONE))
-                cv2.ellipse(img, _pt(px[ear_sl][k]), axes, angle, 0, 360, _colour(skin * 0.9),
-                            -1, aa, SHIFT)
+                cv2.ellipse(img, pts[k], axes, angle, 0, 360, _scaled(skin_l, 0.9), -1, aa,
+                            SHIFT)
 
         # ---- head silhouette
         ys = layout.outline_y
         widths = layout.outline_w * widen
         face_poly = to_px(np.concatenate([-widths, widths[::-1]]),
                           np.concatenate([ys, ys[::-1]]) * np.cos(nuis.pitch))
-        cv2.fillPoly(img, [face_poly], _colour(skin), aa, SHIFT)
+        cv2.fillPoly(img, [face_poly], _scaled(skin_l, 1.0), aa, SHIFT)
         mask = np.zeros((size, size), np.uint8)
         cv2.fillPoly(mask, [face_poly], 1, cv2.LINE_8, SHIFT)
 
         # ---- moles, blush, beard, wrinkles
-        for k in range(len(ident.moles)):
-            mv = vis[mole_sl][k]
+        mole_r = ident.moles[:, 2].tolist()
+        for k in range(mole_sl.start, mole_sl.stop):
+            mv = visl[k]
             if mv > 0.2:
-                r = max(scale * ident.moles[k, 2], 0.6)
-                cv2.ellipse(img, _pt(px[mole_sl][k]), (int(r * mv * ONE) + 1, int(r * ONE)),
-                            angle, 0, 360, _colour(skin * 0.55), -1, aa, SHIFT)
+                r = max(scale * mole_r[k - mole_sl.start], 0.6)
+                cv2.ellipse(img, pts[k], (int(r * mv * ONE) + 1, int(r * ONE)), angle, 0, 360,
+                            _scaled(skin_l, 0.55), -1, aa, SHIFT)
         if ident.blush > 0.05:
-            blush = skin * (1 - ident.blush * 0.5) + np.array([200.0, 60, 60]) * ident.blush * 0.5
-            for k in range(2):
-                bv = vis[blush_sl][k]
+            blush = skin * (1 - ident.blush * 0.5) + _BLUSH * ident.blush * 0.5
+            for k in range(blush_sl.start, blush_sl.stop):
+                bv = visl[k]
                 if bv > 0.1:
-                    cv2.ellipse(img, _pt(px[blush_sl][k]),
-                                (int(scale * 0.16 * bv * ONE), int(scale * 0.1 * ONE)), angle, 0,
-                                360, _colour(blush), -1, aa, SHIFT)
+                    cv2.ellipse(img, pts[k], (int(scale * 0.16 * bv * ONE),
+                                              int(scale * 0.1 * ONE)), angle, 0, 360,
+                                _colour(blush), -1, aa, SHIFT)
         if beard_sl is not None:
             beard = skin * (1 - ident.beard) + ident.beard_colour * ident.beard
-            cv2.fillPoly(img, [_fixed(px[beard_sl])], _colour(beard), aa, SHIFT)
+            cv2.fillPoly(img, [fx[beard_sl]], _colour(beard), aa, SHIFT)
         if wrinkle_sls:
-            line_col = _colour(skin * (1 - 0.35 * (age - 0.35) / 0.65))
+            line_col = _scaled(skin_l, 1 - 0.35 * (age - 0.35) / 0.65)
             thick = max(1, round(scale * 0.012))
-            cv2.polylines(img, [_fixed(px[sl]) for sl in wrinkle_sls], False, line_col, thick,
-                          aa, SHIFT)
+            cv2.polylines(img, [fx[sl] for sl in wrinkle_sls], False, line_col, thick, aa,
+                          SHIFT)
 
         # ---- eyes and brows
-        lid_col = _colour(skin * 0.35)
+        lid_col = _scaled(skin_l, 0.35)
         lid_thick = max(1, round(scale * 0.02))
+        iris_col = _colour(ident.iris)
+        brow_col = _colour(ident.hair * 0.8 * (1 - 0.4 * max(0.0, age - 0.6)))
+        brow_thick = max(1, round(scale * ident.brow_thick))
         for k, side in ((0, -1.0), (1, 1.0)):
-            fore = float(np.clip(vis[lm_sl][k], 0.0, 1.0))
+            fore = min(max(visl[lm_sl.start + k], 0.0), 1.0)
             if fore >= 0.12:
-                cx, cy = lm_px[k]
-                tilt = angle + np.degrees(side * ident.eye_tilt)
+                cx, cy = pts[lm_sl.start + k]
+                cx, cy = cx / ONE, cy / ONE
+                tilt = angle + math.degrees(side * ident.eye_tilt)
                 w = scale * ident.eye_w * fore
                 h = scale * ident.eye_w * ident.eye_h * nuis.eye_open
-                centre = _pt(lm_px[k])
+                centre = pts[lm_sl.start + k]
                 if h > 0.8:
                     cv2.ellipse(img, centre, (int(w * ONE), int(h * ONE)), tilt, 0, 360,
                                 (235, 232, 228), -1, aa, SHIFT)
                     r = scale * ident.eye_w * ident.iris_r
                     ic = (int((cx - sin_yaw * w * 0.25) * ONE), int(cy * ONE))
                     cv2.ellipse(img, ic, (int(r * fore * ONE), int(min(r, h * 1.1) * ONE)), angle,
-                                0, 360, _colour(ident.iris), -1, aa, SHIFT)
+                                0, 360, iris_col, -1, aa, SHIFT)
                     cv2.ellipse(img, ic, (int(r * 0.45 * fore * ONE), int(min(r * 0.45, h) * ONE)),
                                 angle, 0, 360, (15, 12, 12), -1, aa, SHIFT)
                 cv2.ellipse(img, centre, (int(w * ONE), int(max(h, 0.5) * ONE)), tilt, 180, 360,
                             lid_col, lid_thick, aa, SHIFT)
             keep = vis[brow_sls[k]] > 0.1
             if keep.sum() >= 2:
-                brow_col = ident.hair * 0.8 * (1 - 0.4 * max(0.0, age - 0.6))
-                cv2.polylines(img, [_fixed(px[brow_sls[k]][keep])], False, _colour(brow_col),
-                              max(1, round(scale * ident.brow_thick)), aa, SHIFT)
+                cv2.polylines(img, [fx[brow_sls[k]][keep]], False, brow_col, brow_thick, aa,
+                              SHIFT)
 
         # ---- nose: bridge line towards the hidden side, nostrils
-        cv2.polylines(img, [_fixed(px[nose_sl])], False, _colour(skin * 0.7),
+        cv2.polylines(img, [fx[nose_sl]], False, _scaled(skin_l, 0.7),
                       max(1, round(scale * 0.025)), aa, SHIFT)
-        for k in range(2):
-            nv = vis[nostril_sl][k]
+        for k in range(nostril_sl.start, nostril_sl.stop):
+            nv = visl[k]
             if nv > 0.15:
-                cv2.ellipse(img, _pt(px[nostril_sl][k]),
-                            (int(scale * ident.nose_w * 0.3 * nv * ONE) + 1,
-                             int(scale * 0.025 * ONE) + 1), angle, 0, 360, _colour(skin * 0.45),
-                            -1, aa, SHIFT)
+                cv2.ellipse(img, pts[k], (int(scale * ident.nose_w * 0.3 * nv * ONE) + 1,
+                                          int(scale * 0.025 * ONE) + 1), angle, 0, 360,
+                            _scaled(skin_l, 0.45), -1, aa, SHIFT)
 
         self._draw_mouth(img, ident, nuis, scale, lm_px)
 
@@ -577,9 +590,9 @@ class FaceRenderer:
         if front_hair:
             keep = vis[hair_sl] > -0.6
             if keep.sum() >= 2:
-                top = px[top_sl][keep[::-1]] - np.array([0.0, vol * scale])
-                cv2.fillPoly(img, [_fixed(np.concatenate([px[hair_sl][keep], top]))],
-                             _colour(hair), aa, SHIFT)
+                top = fx[top_sl][keep[::-1]] - np.array([0, round(vol * scale * ONE)], np.int32)
+                cv2.fillPoly(img, [np.concatenate([fx[hair_sl][keep], top])], _colour(hair), aa,
+                             SHIFT)
 
         if nuis.glasses:
             self._draw_glasses(img, ident, scale, angle, lm_px)
@@ -588,10 +601,9 @@ class FaceRenderer:
 
         # identity skin texture, moved with the head's turn, only on the face
         tex = self._texture(identity_key, ident, size)
-        shift_px = scale * 0.6 * sin_yaw
-        if abs(shift_px) > 0.25:
-            tex = cv2.warpAffine(tex, np.float32([[1, 0, shift_px], [0, 1, 0]]), (size, size),
-                                 borderMode=cv2.BORDER_REFLECT)
+        pad = (tex.shape[1] - size) // 2
+        start = pad - min(pad, max(-pad, round(scale * 0.6 * sin_yaw)))
+        tex = tex[:, start:start + size]
         amp = float(ident.texture_amp * (1 + 1.5 * age))
         shade = cv2.multiply(tex, mask, scale=amp, dtype=cv2.CV_32F)
         shade += 1.0
@@ -681,13 +693,15 @@ class FaceRenderer:
                      max(2, int(scale * rng.uniform(0.25, 0.45))), aa, SHIFT)
 
     def _texture(self, identity_key: int, ident: Identity, size: int) -> np.ndarray:
-        """Identity skin pattern upsampled to the image size (cached per identity)."""
+        """Identity skin pattern upsampled to the image size, plus half a width of margin
+        on each side (reflected) so a turned head takes a shifted window (cached)."""
         import cv2
 
         key = (identity_key, size)
         tex = self._texture_cache.get(key)
         if tex is None:
             tex = cv2.resize(ident.texture, (size, size), interpolation=cv2.INTER_CUBIC)
+            tex = cv2.copyMakeBorder(tex, 0, 0, size // 2, size // 2, cv2.BORDER_REFLECT)
             if len(self._texture_cache) > 4096:
                 self._texture_cache.clear()
             self._texture_cache[key] = tex
