@@ -195,9 +195,14 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None, device=None,
     the architecture kwargs (e.g. ``fp16``). Returns the model in eval mode and an info
     dict: arch, arch_kwargs, format, head, meta, path.
     """
+    return backbone_from_object(read_checkpoint(path), path, arch, device, **kwargs)
+
+
+def backbone_from_object(obj: Any, path: str | os.PathLike, arch: str | None = None,
+                         device=None, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_backbone` on an already loaded checkpoint object (read once, use twice)."""
     from facekd.models.registry import create_model, list_models
 
-    obj = read_checkpoint(path)
     state = extract_state_dict(obj, path)
     if is_facekd_checkpoint(obj):
         fmt, stored_arch = "facekd", obj.get("arch")

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from facekd.errors import FacekdError
+from facekd.errors import ConfigError
 
 
 class FeatureHooks:
@@ -25,7 +25,7 @@ class FeatureHooks:
         missing = [n for n in self.names if n not in modules]
         if missing:
             sample = ", ".join(n for n in list(modules)[1:8])
-            raise FacekdError(f"{type(model).__name__} has no module named '{missing[0]}' "
+            raise ConfigError(f"{type(model).__name__} has no module named '{missing[0]}' "
                               f"(modules look like: {sample}, ...)")
         self._handles = [modules[n].register_forward_hook(self._make_hook(n))
                          for n in self.names]
