@@ -208,3 +208,12 @@ def test_bad_options(tmp_path: Path) -> None:
         generate(tmp_path / "x", preset="tiny", lfw_pairs=7, progress=False)
     with pytest.raises(FacekdError, match="identities"):
         generate(tmp_path / "x", preset="tiny", identities=1, progress=False)
+
+
+def test_aligned_faces_helper_is_deterministic() -> None:
+    from facekd.data.synth import aligned_faces
+
+    faces = aligned_faces(3, seed=2)
+    assert faces.shape == (3, 112, 112, 3) and faces.dtype == np.uint8
+    assert np.array_equal(faces, aligned_faces(3, seed=2))
+    assert not np.array_equal(faces, aligned_faces(3, seed=3))

@@ -481,3 +481,20 @@ def _generate(out: Path, config: dict[str, Any], seed: int, workers: int, progre
     }
     write_json_atomic(out / "synth.json", manifest)
     return {"out": str(out), "seed": seed, **summary}
+
+
+def aligned_faces(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` aligned synthetic faces (uint8 N x 112 x 112 x 3 RGB), one per identity.
+
+    For parity checks and smoke tests that need face-like inputs without a dataset on
+    disk; deterministic in (n, seed).
+    """
+    from facekd.data.synth_render import FaceRenderer, sample_nuisance
+
+    renderer = FaceRenderer()
+    out = np.empty((n, 112, 112, 3), np.uint8)
+    for i in range(n):
+        ident = identity_params(seed, ROLE_TRAIN, i)
+        nuis = sample_nuisance(np.random.default_rng([seed, ROLE_TRAIN, i, 1]), ident)
+        out[i] = renderer.render(ident, nuis, i)[0]
+    return out
