@@ -66,6 +66,7 @@ def build_card(student: Any, variants: dict[str, dict[str, Any]], *, normalize_i
             "recipe": str(source.recipe) if source.recipe else None,
             "recipe_sha256": source.recipe_sha256,
             "recipe_summary": source.recipe_summary,
+            "checkpoint_meta": source.checkpoint_meta,
         },
         "gate": {"eval_bin": str(eval_bin) if eval_bin else None, "max_drop": max_drop,
                  "force": force},
@@ -122,6 +123,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     for key, value in (s.get("recipe_summary") or {}).items():
         lines.append(f"  - {key}: {value}")
+    training = {k: v for k, v in (s.get("checkpoint_meta") or {}).items() if k != "recipe"}
+    if training:
+        lines.append("- Checkpoint meta: " + ", ".join(f"{k}={v}" for k, v in training.items()))
     gate = card["gate"]
     lines += [
         "",

@@ -46,6 +46,7 @@ class SourceInfo:
     recipe: Path | None = None
     recipe_sha256: str | None = None
     recipe_summary: dict[str, Any] = field(default_factory=dict)
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,13 +133,14 @@ def load_student(ckpt: str | Path, arch: str | None = None) -> ExportedStudent:
     if not arch_name:
         raise CheckpointError(f"{source.checkpoint}: architecture unknown; pass --arch")
     meta = info.get("meta") or {}
-    if isinstance(meta, dict) and not source.recipe_summary:
+    if isinstance(meta, dict):
+        source.checkpoint_meta = {k: v for k, v in meta.items()
+                                  if isinstance(v, (str, int, float, bool))}
         recipe = meta.get("recipe")
-        if isinstance(recipe, dict):
-            source.recipe_summary = {k: v for k, v in recipe.items()
-                                     if isinstance(v, (str, int, float, bool))}
-        elif isinstance(recipe, str):
-            source.recipe_summary = {"recipe": recipe}
+        if source.recipe is None and isinstance(recipe, str) and Path(recipe).is_file():
+            source.recipe = Path(recipe)
+            source.recipe_sha256 = sha256_file(source.recipe)
+            source.recipe_summary = _recipe_summary(source.recipe)
     return ExportedStudent(
         model=model, arch=str(arch_name), arch_kwargs=dict(info.get("arch_kwargs") or {}),
         embedding_size=embedding_size(model), params=count_params(model),
@@ -438,15 +440,21 @@ def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
     out = Path(out)
     if out.suffix != ".onnx":
         raise FacekdError(f"{out}: output name must end in .onnx")
-    if int8 and calib_data is None:
-        raise FacekdError("--int8 needs --calib-data (a shards folder, RecordIO folder or .bin "
-                          "with a few hundred training faces)")
     if math.isnan(max_drop) or max_drop < 0:
         raise FacekdError(f"--max-drop must be >= 0, got {max_drop}")
     for path, what in ((calib_data, "--calib-data"), (eval_bin, "--eval-bin")):
         if path is not None and not Path(path).exists():
             raise FacekdError(f"{path}: {what} does not exist")
     student = load_student(ckpt, arch)
+    if int8 and calib_data is None:
+        # A run folder's recipe names its training data: calibrate on that by default.
+        train = student.source.recipe_summary.get("data.train")
+        if isinstance(train, str) and train and Path(train).exists():
+            calib_data = train
+            log.info("INT8 calibration on the recipe's training data %s", train)
+        else:
+            raise FacekdError("--int8 needs --calib-data (a shards folder, RecordIO folder or "
+                              ".bin with a few hundred training faces)")
     fp32 = export_backbone(student, out, normalize_inside=normalize_inside, simplify=simplify,
                            opset=opset)
     variants: dict[str, dict[str, Any]] = {"fp32": fp32.section}
