@@ -248,6 +248,9 @@ class Trainer:
         self._build_data()
         self._build_method_class()
         self._build_teacher()
+        # Loading a teacher draws from the RNG (its module init); reseed so the student
+        # starts the same whether the teacher is live, cached or absent.
+        ckpt.seed_everything(self.seed)
         self._build_student()
         self._build_method()
         self._build_head()
