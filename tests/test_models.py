@@ -114,3 +114,17 @@ def test_unknown_model_is_a_user_error():
 
     with pytest.raises(FacekdError, match="unknown model 'r9'"):
         create_model("r9")
+
+
+@pytest.mark.parametrize("arch", ["mbf_tiny", "r_tiny"])
+def test_fp16_flag_runs_body_in_autocast_and_returns_float32(arch):
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    half = create_model(arch, fp16=True).eval()
+    half.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        ref, out = model(x), half(x)
+    assert out.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
+    assert torch.all(cos > 0.98), cos

@@ -40,9 +40,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str,
                     arch_kwargs: dict[str, Any] | None = None, head: Any = None,
                     meta: dict[str, Any] | None = None) -> Path:
     """Write a facekd checkpoint atomically. ``head`` is a module with ``export_state()``
-    (margin head, Partial FC: the full merged class matrix) or a ready dict."""
+    (margin head, Partial FC: the full merged class matrix) or a ready dict.
+
+    A sharded Partial FC must be exported on every rank first (``head.export_state()`` is
+    a collective); pass that dict here from rank 0.
+    """
     state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
     if head is not None and hasattr(head, "export_state"):
+        if getattr(head, "world_size", 1) > 1:
+            raise RuntimeError("save_checkpoint: call head.export_state() on every rank and "
+                               "pass the dict; exporting here from one rank would hang")
         head = head.export_state()
     obj = {"format": FORMAT, "version": VERSION, "arch": arch,
            "arch_kwargs": dict(arch_kwargs or {}), "state_dict": state,
