@@ -72,7 +72,10 @@ class WeightedFusion(nn.Module):
     def forward(self, inputs: list[Tensor]) -> Tensor:
         w = F.relu(self.weight)
         w = w / (w.sum() + self.eps)
-        return sum((w[i] * x for i, x in enumerate(inputs)), torch.zeros_like(inputs[0]))
+        out = w[0] * inputs[0]
+        for i in range(1, len(inputs)):
+            out = out + w[i] * inputs[i]
+        return out
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
