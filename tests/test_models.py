@@ -128,3 +128,29 @@ def test_fp16_flag_runs_body_in_autocast_and_returns_float32(arch):
     assert out.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
     assert torch.all(cos > 0.98), cos
+
+
+def test_models_list_cli(monkeypatch, capsys):
+    import json as _json
+
+    from facekd.cli import main
+    from facekd.models import registry
+
+    monkeypatch.setattr(registry, "list_models", lambda: ["mbf_tiny", "mobilefacenet"])
+    assert main(["models", "list", "--json"]) == 0
+    rows = _json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["mbf_tiny", "mobilefacenet"]
+    assert rows[1]["embedding_size"] == 128 and 0.2e9 < rows[1]["macs"] < 0.23e9
+    assert main(["models", "list"]) == 0
+    assert "mobilefacenet" in capsys.readouterr().out
+
+
+def test_cli_parser_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, facekd.cli; facekd.cli.build_parser(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
