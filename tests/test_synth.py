@@ -71,6 +71,9 @@ def test_rerun_keeps_finished_parts_and_rebuilds_missing_ones(tmp_path: Path) ->
     generate(out, seed=1, **opts)
     assert (out / "train.rec").stat().st_mtime_ns == rec_mtime  # kept, not rewritten
     assert _tree_hashes(out) == before  # the rebuilt lfw.bin is byte-identical
+    generate(out, seed=1, **{**opts, "lfw_pairs": 40})  # only the lfw part depends on it
+    assert (out / "train.rec").stat().st_mtime_ns == rec_mtime
+    assert len(load_bin(out / "lfw.bin")[1]) == 40
 
 
 def test_training_layout_is_readable(small_set: Path) -> None:

@@ -374,8 +374,19 @@ def _resolve(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+_PART_KEYS = {
+    "train": ("identities", "images_per_id"),
+    "lfw": ("lfw_pairs",),
+    "cfp_fp": ("cfp_pairs",),
+    "agedb_30": ("agedb_pairs",),
+    "ijb": ("ijb_identities", "ijb_impostors"),
+    "unlabelled": ("unlabelled_identities", "unlabelled_images_per_id"),
+}
+
+
 def _part_hash(name: str, config: dict[str, Any], seed: int) -> str:
-    relevant = {k: v for k, v in config.items() if k != "workers"}
+    """Fingerprint of what a part depends on, so a changed size rebuilds only that part."""
+    relevant = {k: config[k] for k in (*_PART_KEYS[name], "strength")}
     blob = json.dumps([GENERATOR_VERSION, name, seed, relevant], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
