@@ -451,8 +451,8 @@ class ShardSet:
         self.keys = table.column("key").to_numpy()
         self.labels = table.column("label").to_numpy()
         self.shards = table.column("shard").to_numpy().astype(np.int64)
-        self.offsets = table.column("offset").to_numpy()
-        self.sizes = table.column("size").to_numpy()
+        self.offsets = np.ascontiguousarray(table.column("offset").to_numpy(), np.int64)
+        self.sizes = np.ascontiguousarray(table.column("size").to_numpy(), np.int64)
         names = self.meta.get("shards")
         if names is None:
             top = int(self.shards.max()) + 1 if len(self.shards) else 0
@@ -461,6 +461,7 @@ class ShardSet:
         self.num_classes = int(self.meta.get("num_classes") or
                                (int(self.labels.max()) + 1 if len(self.labels) else 0))
         self._maps: OrderedDict[int, Any] = OrderedDict()
+        self._views: tuple[memoryview, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -468,6 +469,7 @@ class ShardSet:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
+        state["_views"] = None
         return state
 
     def _map(self, shard: int) -> Any:
@@ -489,10 +491,14 @@ class ShardSet:
 
     def read(self, index: int) -> bytes:
         """Image bytes of manifest row ``index``."""
-        shard = int(self.shards[index])
-        off = int(self.offsets[index])
-        size = int(self.sizes[index])
-        mm = self._map(shard)
+        if self._views is None:
+            self._views = (memoryview(self.shards), memoryview(self.offsets),
+                           memoryview(self.sizes))
+        shards, offsets, sizes = self._views
+        shard, off, size = shards[index], offsets[index], sizes[index]
+        mm = self._maps.get(shard) if self.max_open is None else None
+        if mm is None:
+            mm = self._map(shard)
         if off + size > len(mm):
             raise DataError(f"{self.folder / self.shard_names[shard]}: sample "
                             f"{int(self.keys[index])} lies beyond the end of the shard")
