@@ -139,3 +139,41 @@ def test_bad_onnx_file(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x00\x01garbage")
     with pytest.raises(CheckpointError, match=r"bad\.onnx"):
         load_embedder(tmp_path / "bad.onnx")
+
+
+class _RawPixelWrapper(torch.nn.Module):
+    """An MXNet-style graph: takes 0..255 pixels and normalises inside."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model((x - 127.5) * 0.0078125)
+
+
+def test_onnx_fixed_batch_and_in_graph_normalisation(tmp_path):
+    import onnx
+
+    model = _trained_like("mbf_tiny")
+    path = tmp_path / "mx.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_RawPixelWrapper(model).eval(), (torch.zeros(1, 3, 112, 112),),
+                          str(path), input_names=["data"], output_names=["fc1"], dynamo=False)
+    proto = onnx.load(str(path))
+    nodes = list(proto.graph.node)
+    first = next(i for i, n in enumerate(nodes) if n.op_type == "Sub") - 1  # its Constant
+    head = nodes[first:first + 4]  # Constant, Sub, Constant, Mul: only need the input
+    assert [n.op_type for n in head] == ["Constant", "Sub", "Constant", "Mul"]
+    for i, node in enumerate(head):  # MXNet-converted graphs start so, with such names
+        node.name = f"{node.op_type}{i}"
+    del proto.graph.node[:]
+    proto.graph.node.extend(head + nodes[:first] + nodes[first + 4:])
+    onnx.save(proto, str(path))
+    emb = load_embedder(path, device="cpu")
+    assert emb.raw_pixels and emb.fixed_batch == 1
+    x = _batch(3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(emb(x.numpy()), expected, rtol=1e-4, atol=1e-4)

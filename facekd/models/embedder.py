@@ -82,6 +82,9 @@ class OnnxEmbedder(Embedder):
             raise CheckpointError(f"{path}: expected one input, found {len(inputs)}")
         self.input_name = inputs[0].name
         self.input_dtype = np.float16 if "float16" in inputs[0].type else np.float32
+        batch_dim = inputs[0].shape[0] if inputs[0].shape else None
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+        self.raw_pixels = graph_normalises_input(path)
         self.output_name = outputs[0].name
         dim = outputs[0].shape[-1] if outputs[0].shape else None
         self.embedding_size = dim if isinstance(dim, int) else None
@@ -89,9 +92,30 @@ class OnnxEmbedder(Embedder):
         self.sha256 = sha256
 
     def __call__(self, batch: Any) -> np.ndarray:
-        x = _as_numpy(batch).astype(self.input_dtype, copy=False)
-        out = self.session.run([self.output_name], {self.input_name: x})[0]
-        return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
+        x = _as_numpy(batch)
+        if self.raw_pixels:  # the graph subtracts/scales itself: feed 0..255 like insightface
+            x = x * 127.5 + 127.5
+        x = x.astype(self.input_dtype, copy=False)
+        step = self.fixed_batch or len(x)
+        outs = [self.session.run([self.output_name], {self.input_name: x[i:i + step]})[0]
+                for i in range(0, len(x), max(step, 1))]
+        return np.concatenate([np.asarray(o, dtype=np.float32).reshape(len(o), -1)
+                               for o in outs]) if outs else np.zeros((0, 0), np.float32)
+
+
+def graph_normalises_input(path: str | os.PathLike) -> bool:
+    """insightface's ArcFaceONNX rule: Sub and Mul among the first 8 nodes mean the graph
+    normalises raw 0..255 pixels itself (MXNet-converted models); else input is [-1, 1]."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # unreadable here but loadable by onnxruntime: assume the usual input
+        return False
+    names = [node.name for node in graph.node[:8]]
+    has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
+    has_mul = any(n.startswith(("Mul", "_mul")) for n in names)
+    return has_sub and has_mul
 
 
 def load_embedder(path: str | os.PathLike, arch: str | None = None,
