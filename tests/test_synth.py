@@ -209,6 +209,8 @@ def test_bad_options(tmp_path: Path) -> None:
         generate(tmp_path / "x", preset="huge", progress=False)
     with pytest.raises(FacekdError, match="lfw_pairs"):
         generate(tmp_path / "x", preset="tiny", lfw_pairs=7, progress=False)
+    with pytest.raises(FacekdError, match="seed"):
+        generate(tmp_path / "x", preset="tiny", seed=-1, progress=False)
     with pytest.raises(FacekdError, match="identities"):
         generate(tmp_path / "x", preset="tiny", identities=1, progress=False)
 

@@ -416,6 +416,11 @@ def generate(
     tuned default). Same arguments give byte-identical files, whatever ``workers`` is.
     """
     out = Path(out_dir)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise FacekdError(f"synth seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
+    if not strength >= 0:
+        raise FacekdError(f"synth strength must be >= 0, got {strength!r}")
     config = _resolve(preset, dict(
         identities=identities, images_per_id=images_per_id, lfw_pairs=lfw_pairs,
         cfp_pairs=cfp_pairs, agedb_pairs=agedb_pairs, ijb_identities=ijb_identities,
