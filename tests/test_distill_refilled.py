@@ -138,3 +138,20 @@ def test_stage_one_needs_no_centres_but_stage_two_does():
     assert "relation" in _refilled(1)(StudentOutput(emb), TeacherOutput(t), labels)
     with pytest.raises(ConfigError, match="class centres"):
         _refilled(2)(StudentOutput(emb, head=CosHead(3, 2)), TeacherOutput(t), labels)
+
+
+def test_int32_labels_are_accepted():
+    torch.manual_seed(3)
+    head = CosHead(3, 2)
+    emb, t, centres = torch.randn(4, 2), torch.randn(4, 2), torch.randn(3, 2)
+    labels = torch.tensor([0, 0, 2, -1])
+    method = _refilled("both")
+    as_long = method(StudentOutput(emb, head=head), TeacherOutput(t, centres), labels)
+    as_int = method(StudentOutput(emb, head=head), TeacherOutput(t, centres),
+                    labels.to(torch.int32))
+    for key in as_long:
+        assert as_int[key].item() == pytest.approx(as_long[key].item())
+    srd = create_method("srd", student_dim=2, teacher_dim=2, num_classes=3,
+                        params={"num_negatives": 1, "margin_on_labelled": True})
+    assert torch.isfinite(srd(StudentOutput(emb), TeacherOutput(t, centres),
+                              labels.to(torch.int32))["srd"])

@@ -52,7 +52,7 @@ def sample_classes(labels: Tensor, num_classes: int, num_negatives: int | None,
     if num_negatives is None:
         return None
     device = device if device is not None else labels.device
-    labels = labels.to(device)
+    labels = labels.to(device=device, dtype=torch.long)
     positives = torch.unique(labels[(labels >= 0) & (labels < num_classes)])
     keep = min(num_classes, positives.numel() + int(num_negatives))
     if keep >= num_classes:

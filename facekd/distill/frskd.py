@@ -185,6 +185,7 @@ class FRSKD(DistillMethod):
 
     def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
                 labels: Tensor) -> dict[str, Tensor]:
+        labels = labels.long()  # loaders may hand int32
         maps = student.features
         if len(maps) != len(self.student_feature_channels or []):
             raise ConfigError(f"method 'frskd' expected {len(self.student_feature_channels)} "

@@ -122,6 +122,7 @@ class REFILLED(DistillMethod):
 
     def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
                 labels: Tensor) -> dict[str, Tensor]:
+        labels = labels.long()  # loaders may hand int32
         stage = self.params.stage
         teacher = self._require_teacher(teacher, centres=stage != 1)
         rows = (labels >= 0).nonzero(as_tuple=True)[0]

@@ -119,6 +119,7 @@ class SRD(DistillMethod):
 
     def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
                 labels: Tensor) -> dict[str, Tensor]:
+        labels = labels.long()  # loaders may hand int32
         teacher = self._require_teacher(teacher, centres=True)
         num_centres = teacher.centres.shape[0]
         shared = self._labels_index_centres(teacher)
