@@ -5,6 +5,8 @@ BatchNorm statistics unless ``--checkpoint`` is given), exports it through
 ``facekd.export.onnx_export.export_onnx`` with FP16 and INT8 variants (INT8 calibrated on
 256 synthetic aligned faces written to a temporary .bin), then times a batch of one
 aligned face on the same thread budget for torch eager and each onnxruntime file.
+A fourth file quantises the depthwise convolutions too (facekd keeps them FP32 because
+onnxruntime's INT8 depthwise kernel is slower than its FP32 one), to show that choice.
 Timings are interleaved round-robin (one call of each engine per round) so machine load
 hits every engine alike; the table reports medians, p90 and ratios.
 
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from facekd.export.onnx_export import export_onnx, load_student, variant_path
     from facekd.export.parity import synthetic_aligned_faces, to_model_input
+    from facekd.export.quantize import load_calibration_images, quantize_int8
     from facekd.fileio import write_json_atomic, write_text_atomic
 
     with tempfile.TemporaryDirectory(prefix="facekd-p6-") as tmp:
@@ -130,10 +133,15 @@ def main(argv: list[str] | None = None) -> dict:
                            calib_data=_calibration_bin(workdir, args.calib),
                            calib_count=args.calib)
         export_s = time.perf_counter() - t0
+        # For comparison: INT8 with the depthwise convolutions quantised too (not shipped).
+        all_int8 = workdir / "student.int8_all.onnx"
+        quantize_int8(out, all_int8, load_calibration_images(workdir / "calib.bin", args.calib),
+                      normalize_inside=False, keep_depthwise_fp32=False)
         model = load_student(ckpt).model
         runners = {"torch_eager": _torch_runner(model, args.threads)}
         for variant in ("fp32", "fp16", "int8"):
             runners[f"onnx_{variant}"] = _ort_runner(variant_path(out, variant), args.threads)
+        runners["onnx_int8_all_layers"] = _ort_runner(all_int8, args.threads)
         x = to_model_input(synthetic_aligned_faces(1, seed=77))
         timings = _time_interleaved(runners, x, args.warmup, args.rounds)
 
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "onnx_fp16 / onnx_fp32": med["onnx_fp16"] / med["onnx_fp32"],
         "onnx_int8 / onnx_fp32": med["onnx_int8"] / med["onnx_fp32"],
         "onnx_int8 / torch_eager": med["onnx_int8"] / med["torch_eager"],
+        "onnx_int8_all_layers / onnx_fp32": med["onnx_int8_all_layers"] / med["onnx_fp32"],
     }
     goals = {"onnx_fp32 / torch_eager": 0.7, "onnx_int8 / onnx_fp32": 0.5}
     parity = {v: card["variants"][v]["parity"]["max_one_minus_cos"]

@@ -459,6 +459,12 @@ def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
                            opset=opset)
     variants: dict[str, dict[str, Any]] = {"fp32": fp32.section}
     x, reference = fp32.x, fp32.reference
+    # Card for the FP32 file right away, so it never sits without one if a variant fails;
+    # rewritten below with every variant's numbers.
+    variants["fp32"]["verdict"] = {"accepted": True, "forced": False, "reason": None}
+    card_mod.write_card(out, card_mod.build_card(
+        student, variants, normalize_inside=normalize_inside, eval_bin=eval_bin,
+        max_drop=max_drop, force=force), "fp32")
     wanted = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
     calib = None
     if int8:
