@@ -205,7 +205,8 @@ class Teacher(nn.Module):
         if self.onnx is not None:
             out = self.onnx(x)
             return torch.from_numpy(out).to(x.device if isinstance(x, torch.Tensor) else "cpu")
-        x_dev = x.to(self.device, non_blocking=True)
+        device = next(self.model.parameters()).device  # follows a later .to(device)
+        x_dev = x.to(device, non_blocking=True)
         out = self.model(x_dev).float()
         return out.to(x.device) if isinstance(x, torch.Tensor) else out
 
