@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +83,9 @@ class TorchModuleEmbedder:
 
 def as_embedder(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     """Accept an Embedder, an ``nn.Module`` or any callable batch -> embeddings."""
-    try:
-        from torch import nn
-
-        if isinstance(model, nn.Module):
-            return TorchModuleEmbedder(model)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch = sys.modules.get("torch")  # an nn.Module implies torch is loaded; never import it
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return TorchModuleEmbedder(model)
     if not callable(model):
         raise TypeError(f"{type(model).__name__} is not an embedder")
     return model
