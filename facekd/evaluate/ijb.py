@@ -67,24 +67,31 @@ def meta_paths(root: str | Path, dataset: str = "IJBC") -> dict[str, Path]:
 def _read_columns(path: Path, kinds: str) -> list[np.ndarray]:
     """Parse a whitespace-separated file whose columns have the given kinds.
 
-    ``kinds`` has one letter per column: ``s`` string, ``i`` integer, ``f`` float
-    (float64 via Python's round-trip parser, as the reference's ``float(x)``). The fast
-    pandas path is tried first; any problem triggers a line-by-line scan so the error
-    names the file and line (the reference silently mis-parses such files).
+    ``kinds`` has one letter per column: ``s`` string, ``i`` integer (int64; an integral
+    ``20.0`` is accepted, ``20.5`` is not), ``f`` number, returned as its text so the
+    caller converts it exactly as the reference does (``float(x)`` / ``astype``). The
+    fast pandas path is tried first; any problem triggers a line-by-line scan so the
+    error names the file and line (the reference silently mis-parses such files).
     """
     import pandas as pd
 
     if not path.is_file():
         raise DataError(f"{path}: missing IJB meta file")
-    dtypes = {i: {"s": str, "i": np.int64, "f": np.float64}[k] for i, k in enumerate(kinds)}
+    dtypes = {i: np.int64 if k == "i" else str for i, k in enumerate(kinds)}
     try:
         frame = pd.read_csv(path, sep=r"\s+", header=None, dtype=dtypes, engine="c",
-                            float_precision="round_trip", names=list(range(len(kinds))),
-                            keep_default_na=False, na_filter=False)
-    except (ValueError, pd.errors.ParserError, OverflowError):
-        frame = None
-    if frame is not None and len(frame) > 0:
-        return [frame[i].to_numpy() for i in range(len(kinds))]
+                            names=list(range(len(kinds))), keep_default_na=False,
+                            na_filter=False)
+        columns = [frame[i].to_numpy() for i in range(len(kinds))]
+        for col, kind in zip(columns, kinds, strict=True):
+            if kind == "f":
+                np.asarray(col, dtype=str).astype(np.float64)  # validates every number
+            elif kind == "s" and len(col) and (col == "").any():
+                raise ValueError("empty field")
+    except (ValueError, TypeError, pd.errors.ParserError, OverflowError):
+        columns = None
+    if columns is not None and len(columns[0]) > 0:
+        return columns
     _scan_for_bad_line(path, kinds)
     raise DataError(f"{path}: no records")
 
@@ -99,11 +106,11 @@ def _scan_for_bad_line(path: Path, kinds: str) -> None:
                                 f"got {len(tokens)}: {line.strip()[:80]!r}")
             for tok, kind in zip(tokens, kinds, strict=True):
                 try:
-                    if kind == "i":
-                        int(tok)
+                    if kind == "i" and float(tok) != int(float(tok)):
+                        raise ValueError(tok)
                     elif kind == "f":
                         float(tok)
-                except ValueError:
+                except (ValueError, OverflowError):
                     what = "an integer" if kind == "i" else "a number"
                     raise DataError(f"{path}:{lineno}: {tok!r} is not {what}") from None
 
@@ -123,9 +130,10 @@ def read_protocol(root: str | Path, dataset: str = "IJBC") -> IJBProtocol:
     if len(names) != len(templates):
         raise DataError(f"{files['lmk']}: {len(names)} lines but {files['tid_mid']} has "
                         f"{len(templates)}; the reference pairs them by line number")
-    landmarks = np.stack(lmk_cols[1:11], axis=1).astype(np.float32).reshape(-1, 5, 2)
-    # The reference parses the score from its text straight to float32.
-    faceness = lmk_cols[11].astype(np.float32)
+    # reference: np.array([float(x) ...], dtype=np.float32); score: text -> float32
+    numbers = [np.asarray(c, dtype=str).astype(np.float64) for c in lmk_cols[1:11]]
+    landmarks = np.stack(numbers, axis=1).astype(np.float32).reshape(-1, 5, 2)
+    faceness = np.asarray(lmk_cols[11], dtype=str).astype(np.float32)
     p1, p2, labels = _read_columns(files["pairs"], "iii")
     bad = np.flatnonzero((labels != 0) & (labels != 1))
     if len(bad):
