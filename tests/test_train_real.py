@@ -65,6 +65,7 @@ def test_cli_cache_then_distill_equals_live_teacher(world):
     summary = json.loads((cached / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["teacher_cache"].endswith("cache")
     assert {"srd", "feat", "ce"} <= set(summary["last_losses"])
+    assert 0.0 <= summary["eval"]["val/lfw/acc"] <= 1.0     # the final student is verified
 
 
 def test_srd_without_classifier_exits_2_with_the_fix(world, capsys):

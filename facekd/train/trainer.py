@@ -55,7 +55,7 @@ class StudentEmbedder:
         self.model = model
         self.device = device
         self.name = name
-        self.sha256 = ""
+        self.sha256 = ""          # empty: evaluation never caches a model that is training
 
     def __call__(self, batch: Any) -> np.ndarray:
         x = torch.as_tensor(np.asarray(batch, dtype=np.float32)) \
@@ -620,7 +620,7 @@ class Trainer:
                 total = total + weight * value.float()
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss is {total.item()} (terms: "
-                                     f"{ {k: float(v) for k, v in terms.items()} })")
+                                     f"{ {k: float(v.detach()) for k, v in terms.items()} })")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         all_reduce_grads(self.replicated, self.dist)
@@ -658,7 +658,8 @@ class Trainer:
                     embedder = StudentEmbedder(model, self.device)
                     for path in bins:
                         res = evaluate_bin(embedder, path,
-                                           batch_size=self.recipe.run.eval_batch_size)
+                                           batch_size=self.recipe.run.eval_batch_size,
+                                           use_cache=False, progress=False)
                         name = Path(path).stem
                         results[f"val/{name}/acc"] = float(res["acc_mean"])
                         log.info("step %d %s: acc %.4f +- %.4f", step, name,
@@ -692,6 +693,7 @@ class Trainer:
                                           mid_epoch=resumed)
         last: dict[str, float] = {}
         eval_results: dict[str, float] = {}
+        eval_step = -1
         window_start, window_steps = time.perf_counter(), 0
         t_start = time.perf_counter()
         self.student_ddp.train()
@@ -730,6 +732,7 @@ class Trainer:
                 bar.update(1)
                 if r.run.eval_every and step % r.run.eval_every == 0:
                     eval_results = self.evaluate(step)
+                    eval_step = step
                     if metrics is not None and eval_results:
                         metrics.add(step, eval_results)
                 if r.run.save_every and step % r.run.save_every == 0 and step < stop_at:
@@ -744,9 +747,14 @@ class Trainer:
                 in_epoch = 0
                 if not r.run.eval_every and r.data.val_bins:
                     eval_results = self.evaluate(step)
+                    eval_step = step
                     if metrics is not None and eval_results:
                         metrics.add(step, eval_results)
         bar.close()
+        if r.data.val_bins and eval_step != step:   # the final student is always verified
+            eval_results = self.evaluate(step)
+            if metrics is not None and eval_results:
+                metrics.add(step, eval_results)
         self.save(step, epoch, in_epoch if step % self.steps_per_epoch else 0)
         if metrics is not None:
             metrics.close()
