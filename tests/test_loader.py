@@ -65,6 +65,20 @@ def test_shards_and_rec_give_the_same_batches(shards_dir):
         assert torch.equal(a["label"], b["label"]) and torch.equal(a["flipped"], b["flipped"])
 
 
+def test_held_batches_are_never_overwritten(shards_dir):
+    reader = open_rec(INSIGHTFACE)
+    batches = list(build_train_loader(shards_dir, 8, seed=2, drop_last=False))
+    views = [b["image"][0] for b in batches]  # a view alone must also keep its batch
+    for batch, view in zip(batches, views, strict=True):
+        key, flipped = int(batch["key"][0]), bool(batch["flipped"][0])
+        assert torch.equal(view, batch["image"][0])
+        assert torch.allclose(view, _reference(reader[key][1], flipped), atol=1e-6)
+    del batches
+    loader = build_train_loader(shards_dir, 8, seed=2, drop_last=False)
+    for batch, view in zip(loader, views, strict=True):
+        assert torch.equal(batch["image"][0], view)
+
+
 def test_shuffle_and_flip_depend_on_seed_and_epoch_only(shards_dir):
     def keys(**kw):
         loader = build_train_loader(shards_dir, 10, **kw)
