@@ -157,11 +157,11 @@ def extract_features(embedder: Any, source: ImageSource, *, batch_size: int = 25
         final = root / f"{key}.npy"
         parts_dir = root / f"{key}.parts"
         if final.is_file():
-            feats = np.load(final, allow_pickle=False)
+            feats = np.load(final, allow_pickle=False, mmap_mode="r")
             if feats.shape[0] == n:
                 log.info("features from cache %s", final)
                 return feats
-    parts: list[np.ndarray] = []
+    feats: np.ndarray | None = None  # allocated once the embedding size is known
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for i, start in enumerate(range(0, n, PART_ROWS)):
             stop = min(start + PART_ROWS, n)
@@ -182,9 +182,12 @@ def extract_features(embedder: Any, source: ImageSource, *, batch_size: int = 25
                 if part_path is not None:
                     with atomic_path(part_path, suffix=".npy") as tmp:
                         np.save(tmp, part)
-            parts.append(part)
+            if feats is None:
+                feats = np.empty((n, part.shape[1]), dtype=np.float32)
+            feats[start:stop] = part
             bar.update(stop - start)
-    feats = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    if feats is None:
+        feats = np.zeros((0, 0), dtype=np.float32)
     if cache_on:
         with atomic_path(final, suffix=".npy") as tmp:
             np.save(tmp, feats)
