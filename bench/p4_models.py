@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--pfc-batch", type=int, default=128)
     parser.add_argument("--rates", nargs="+", type=float, default=[1.0, 0.3, 0.1])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     backbones = bench_backbones(args.archs, args.rounds, args.train_batch)
     pfc = bench_partial_fc(args.classes, args.dim, args.pfc_batch, args.rates, args.rounds)

@@ -81,7 +81,8 @@ def test_params_and_macs_match_published(arch):
 
 
 def test_r200_fc_size():
-    fc = create_model("r200").fc
+    with torch.device("meta"):
+        fc = create_model("r200").fc
     assert sum(p.numel() for p in fc.parameters()) / 1e6 == pytest.approx(12.85, abs=0.01)
 
 
@@ -102,9 +103,9 @@ def test_feature_layers_are_multiscale(arch):
 @pytest.mark.parametrize("arch", ["mbf_tiny", "r_tiny", "mobilefacenet"])
 def test_small_models_train_step_and_embedding_size(arch):
     model = create_model(arch, num_features=64)
-    x = torch.rand(4, 3, 112, 112) * 2 - 1
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
     out = model(x)
-    assert out.shape == (4, 64)
+    assert out.shape == (2, 64)
     out.pow(2).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 

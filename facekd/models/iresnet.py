@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from facekd.models.registry import register_model
+from facekd.models.registry import autocast_if, register_model
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -83,7 +83,7 @@ class IResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=self.fp16):
+        with autocast_if(self.fp16, x):
             x = self.prelu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             x = self.dropout(torch.flatten(self.bn2(x), 1))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from facekd.models.registry import register_model
+from facekd.models.registry import autocast_if, register_model
 
 
 class Flatten(nn.Module):
@@ -127,7 +127,7 @@ class MobileFaceNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=self.fp16):
+        with autocast_if(self.fp16, x):
             for layer in self.layers:
                 x = layer(x)
         x = self.conv_sep(x.float() if self.fp16 else x)
@@ -193,7 +193,7 @@ class OriginalMobileFaceNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=self.fp16):
+        with autocast_if(self.fp16, x):
             x = self.conv2_dw(self.conv1(x))
             x = self.stage3(self.stage2(self.stage1(x)))
         x = self.conv_sep(x.float() if self.fp16 else x)

@@ -30,6 +30,16 @@ def _load_builtins() -> None:
         _BUILTINS_LOADED = True
 
 
+def autocast_if(enabled: bool, x):
+    """Autocast on ``x``'s device when ``enabled`` (the backbones' ``fp16`` flag); a no-op
+    context otherwise, so meta-device shape passes (MAC counting) work too."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast(x.device.type) if enabled else contextlib.nullcontext()
+
+
 def list_models() -> list[str]:
     """Registered architecture names, teachers (IResNet) first."""
     _load_builtins()
@@ -49,9 +59,12 @@ def create_model(name: str, **kwargs: Any):
 
 def model_info(name: str, **kwargs: Any) -> dict[str, Any]:
     """Params, MACs at 112x112 and embedding size, counted on a freshly built model."""
+    import torch
+
     from facekd.models.flops import count_macs, count_params
 
-    model = create_model(name, **kwargs)
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        model = create_model(name, **kwargs)
     return {
         "name": name,
         "params": count_params(model),
