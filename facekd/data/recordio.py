@@ -186,6 +186,24 @@ def _map_file(path: Path) -> tuple[Any, mmap.mmap | bytes, int]:
     return f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
 
 
+_DROP_EVERY = 4096  # records between page releases in whole-file passes
+_DROP_BYTES = 32 << 20  # bytes between page releases in a sequential scan
+
+
+def drop_pages(data: Any, start: int = 0, end: int | None = None) -> None:
+    """Unmap the resident pages of ``data[start:end]`` (an mmap); the page cache stays.
+
+    Whole-file passes (index validation, label scans, reindex) would otherwise count the
+    entire file in the process's RSS; dropping as they go keeps conversions flat in size.
+    """
+    if not isinstance(data, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start -= start % mmap.PAGESIZE
+    end = len(data) if end is None else min(end, len(data))
+    if end > start:
+        data.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def scan_rec(rec_path: str | os.PathLike, data: Any = None) -> np.ndarray:
     """Offsets of every record's first part, by walking the file (no ``.idx`` needed)."""
     rec_path = Path(rec_path)
@@ -196,6 +214,7 @@ def scan_rec(rec_path: str | os.PathLike, data: Any = None) -> np.ndarray:
     offsets = array("q")
     unpack = _FRAME.unpack_from
     pos = 0
+    dropped = 0
     inside = False
     try:
         while pos < size:
@@ -226,6 +245,10 @@ def scan_rec(rec_path: str | os.PathLike, data: Any = None) -> np.ndarray:
                 raise DataError(f"{rec_path}: truncated: record part at byte {pos} needs "
                                 f"{length} bytes, file ends after {size - pos - 8}")
             pos = end + (-length & 3)
+            if pos - dropped > _DROP_BYTES:
+                drop_pages(data, dropped, pos)
+                dropped = pos - pos % mmap.PAGESIZE
+        drop_pages(data)
         if inside:
             raise DataError(f"{rec_path}: truncated: multipart record at byte {offsets[-1]} "
                             f"has no last part")
@@ -284,15 +307,18 @@ class RecordReader:
                             f"outside {self.rec_path.name} ({self._size} bytes) or unaligned")
         if n:
             words = np.frombuffer(self._mm, dtype="<u4", count=self._size // 4)
-            heads = words[offsets // 4]
-            lrec = words[offsets // 4 + 1]
+            for lo in range(0, n, _DROP_EVERY):
+                chunk = offsets[lo:lo + _DROP_EVERY] // 4
+                bad = (words[chunk] != MAGIC) | ((words[chunk + 1] >> 29) > 1)
+                if bad.any():
+                    i = lo + int(np.argmax(bad))
+                    del words
+                    raise DataError(f"{where}: key {int(keys[i])} points at byte "
+                                    f"{int(offsets[i])} of {self.rec_path.name}, which is not "
+                                    f"the start of a record (wrong magic or a continuation "
+                                    f"part)")
+                drop_pages(self._mm, int(chunk.min()) * 4, int(chunk.max()) * 4 + 8)
             del words
-            bad = (heads != MAGIC) | ((lrec >> 29) > 1)
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise DataError(f"{where}: key {int(keys[i])} points at byte "
-                                f"{int(offsets[i])} of {self.rec_path.name}, which is not the "
-                                f"start of a record (wrong magic or a continuation part)")
         self._keys = keys
         self._offsets = offsets
         self._offset_list = memoryview(offsets)  # scalar reads give Python ints, fast
@@ -354,6 +380,20 @@ class RecordReader:
             if i < len(self._sorted_keys) and self._sorted_keys[i] == key:
                 return int(self._order[i])
         raise KeyError(key)
+
+    def _positions(self, keys: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`_position` (every key must exist)."""
+        if self._base is not None:
+            positions = keys - self._base
+            if len(keys) and (positions.min() < 0 or positions.max() >= len(self._keys)):
+                raise self._missing(int(keys[np.argmax((positions < 0) |
+                                                       (positions >= len(self._keys)))]))
+            return positions
+        found = np.searchsorted(self._sorted_keys, keys)
+        found = np.minimum(found, max(len(self._sorted_keys) - 1, 0))
+        if len(keys) and not np.array_equal(self._sorted_keys[found], keys):
+            raise self._missing(int(keys[np.argmax(self._sorted_keys[found] != keys)]))
+        return self._order[found]
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -508,21 +548,23 @@ class RecordReader:
             labels = np.empty(len(keys), np.int64)
             flags = np.empty(len(keys), np.uint32)
             mm = self._mm
-            offsets = self._offset_list
+            record_offsets = self._offsets[self._positions(keys)]
             unpack = struct.unpack_from
-            for i, key in enumerate(keys.tolist()):
-                off = offsets[self._position(key)]
-                lrec = unpack("<I", mm, off + 4)[0]
-                if lrec >> 29 or lrec < IR_SIZE or off + 8 + lrec > self._size:
-                    header = self.header(key)  # multipart or damaged: full path
-                    flags[i], labels[i] = header.flag, label_to_int(header.label)
-                    continue
-                flag, label = unpack("<If", mm, off + 8)
-                if flag:
-                    if 4 * flag + IR_SIZE > lrec:
-                        self.header(key)  # raises the precise error
-                    label = unpack("<f", mm, off + 8 + IR_SIZE)[0]
-                flags[i], labels[i] = flag, int(label)
+            for lo in range(0, len(keys), _DROP_EVERY):
+                chunk = record_offsets[lo:lo + _DROP_EVERY]
+                for i, off in enumerate(chunk.tolist(), lo):
+                    lrec = unpack("<I", mm, off + 4)[0]
+                    if lrec >> 29 or lrec < IR_SIZE or off + 8 + lrec > self._size:
+                        header = self.header(int(keys[i]))  # multipart or damaged: full path
+                        flags[i], labels[i] = header.flag, label_to_int(header.label)
+                        continue
+                    flag, label = unpack("<If", mm, off + 8)
+                    if flag:
+                        if 4 * flag + IR_SIZE > lrec:
+                            self.header(int(keys[i]))  # raises the precise error
+                        label = unpack("<f", mm, off + 8 + IR_SIZE)[0]
+                    flags[i], labels[i] = flag, int(label)
+                drop_pages(mm, int(chunk.min()), int(chunk.max()) + 8 + IR_SIZE + 4)
             self._labels, self._flags = labels, flags
         return self._labels, self._flags
 
