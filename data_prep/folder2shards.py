@@ -1,0 +1,8 @@
+"""Thin wrapper: `python data_prep/folder2shards.py ARGS` == `facekd prep folder2shards ARGS` (see --help)."""
+
+import sys
+
+from facekd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["prep", "folder2shards", *sys.argv[1:]]))

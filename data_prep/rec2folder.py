@@ -1,0 +1,8 @@
+"""Thin wrapper: `python data_prep/rec2folder.py ARGS` == `facekd prep rec2folder ARGS` (see --help)."""
+
+import sys
+
+from facekd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["prep", "rec2folder", *sys.argv[1:]]))

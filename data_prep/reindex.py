@@ -1,0 +1,8 @@
+"""Thin wrapper: `python data_prep/reindex.py ARGS` == `facekd prep reindex ARGS` (see --help)."""
+
+import sys
+
+from facekd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["prep", "reindex", *sys.argv[1:]]))
