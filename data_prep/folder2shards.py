@@ -1,4 +1,4 @@
-"""Thin wrapper: `python data_prep/folder2shards.py ARGS` == `facekd prep folder2shards ARGS` (see --help)."""
+"""Thin wrapper, same as `facekd prep folder2shards ARGS` (see --help)."""
 
 import sys
 

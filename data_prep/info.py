@@ -1,4 +1,4 @@
-"""Thin wrapper: `python data_prep/info.py ARGS` == `facekd prep info ARGS` (see --help)."""
+"""Thin wrapper, same as `facekd prep info ARGS` (see --help)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Thin wrapper: `python data_prep/rec2folder.py ARGS` == `facekd prep rec2folder ARGS` (see --help)."""
+"""Thin wrapper, same as `facekd prep rec2folder ARGS` (see --help)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Thin wrapper: `python data_prep/rec2shards.py ARGS` == `facekd prep rec2shards ARGS` (see --help)."""
+"""Thin wrapper, same as `facekd prep rec2shards ARGS` (see --help)."""
 
 import sys
 

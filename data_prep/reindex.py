@@ -1,4 +1,4 @@
-"""Thin wrapper: `python data_prep/reindex.py ARGS` == `facekd prep reindex ARGS` (see --help)."""
+"""Thin wrapper, same as `facekd prep reindex ARGS` (see --help)."""
 
 import sys
 

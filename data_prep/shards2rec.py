@@ -1,4 +1,4 @@
-"""Thin wrapper: `python data_prep/shards2rec.py ARGS` == `facekd prep shards2rec ARGS` (see --help)."""
+"""Thin wrapper, same as `facekd prep shards2rec ARGS` (see --help)."""
 
 import sys
 
