@@ -212,7 +212,7 @@ def sequential_segment_sum(x: np.ndarray, starts: np.ndarray, counts: np.ndarray
 def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray,
                       faceness: np.ndarray | None = None, *, use_norm_score: bool = True,
                       use_detector_score: bool = True, use_flip_test: bool = True,
-                      block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                      block_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Normalised template features (float64, T x D) and the sorted unique template ids.
 
     Same numbers as the reference's ``image2template_feature`` on the processed image
@@ -355,10 +355,11 @@ def score_ijb(features: np.ndarray, faceness: np.ndarray | None, templates: np.n
     tfeats, unique_templates = template_features(
         features, templates, medias, faceness, use_norm_score=use_norm_score,
         use_detector_score=use_detector_score, use_flip_test=use_flip_test)
-    i1 = template_index(unique_templates, np.asarray(p1).astype(np.int64))
-    i2 = template_index(unique_templates, np.asarray(p2).astype(np.int64))
+    i1 = template_index(unique_templates, np.asarray(p1).astype(np.int64, copy=False))
+    i2 = template_index(unique_templates, np.asarray(p2).astype(np.int64, copy=False))
     scores = pair_scores(tfeats, i1, i2)
-    labels = np.asarray(labels).astype(np.int64)
+    del i1, i2
+    labels = np.asarray(labels)
     fpr, tpr, _ = binary_roc(labels, scores, drop_intermediate=True)
     tars, chosen = nearest_fpr_tar(fpr, tpr, fars)
     return {"scores": scores, "fpr": fpr, "tpr": tpr, "auc": roc_auc(fpr, tpr),

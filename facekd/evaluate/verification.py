@@ -84,15 +84,18 @@ def binary_roc(labels: np.ndarray, scores: np.ndarray,
     if not np.isfinite(scores).all():
         raise DataError("scores contain NaN or inf (check the embeddings)")
     n = len(scores)
+    count_t = np.int32 if n < 2**31 - 1 else np.int64  # halves memory at IJB-C size
     ascending = np.sort(scores)
-    run_start = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]])
+    run_start = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]]).astype(count_t)
     thr = ascending[run_start][::-1]  # distinct scores, descending
-    n_ge = (n - run_start)[::-1]  # samples with score >= thr
-    del ascending, run_start
+    del ascending
+    np.subtract(n, run_start, out=run_start)
+    fps = run_start[::-1]  # samples with score >= thr; minus TP below
     genuine = np.sort(scores[labels == 1])
-    tps = len(genuine) - np.searchsorted(genuine, thr, side="left")
-    fps = n_ge - tps
-    del n_ge, genuine
+    tps = np.searchsorted(genuine, thr, side="left").astype(count_t)
+    np.subtract(len(genuine), tps, out=tps)
+    fps -= tps
+    del genuine
     if drop_intermediate and len(fps) > 2:
         keep = np.empty(len(fps), dtype=bool)
         keep[0] = keep[-1] = True
