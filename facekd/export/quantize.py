@@ -315,7 +315,9 @@ def _evaluate_bin(embedder: Any, bin_path: str | Path) -> dict[str, Any]:
     except ImportError:
         evaluate_bin = None
     if evaluate_bin is not None:
-        return dict(evaluate_bin(embedder, str(bin_path)))
+        # No feature cache: it is keyed by file hash, and a loader that ignored the
+        # in-graph normalisation could have cached wrong features for this very file.
+        return dict(evaluate_bin(embedder, str(bin_path), use_cache=False))
     from facekd.data.binset import decode_bin_images, load_bin
     from facekd.evaluate.verification import verify_pairs
 
