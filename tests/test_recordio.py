@@ -23,6 +23,7 @@ from facekd.data.recordio import (
     RecordReader,
     RecordWriter,
     frame_record,
+    label_to_int,
     pack_record,
     read_property,
     reindex,
@@ -171,7 +172,8 @@ def _read_everything(folder: Path, use_idx: bool) -> None:
     reader = RecordReader(folder / "train.rec", None if use_idx else folder / "missing.idx")
     try:
         for key in reader.keys().tolist():
-            reader[key]
+            header, payload = reader[key]
+            assert reader.read_image(key) == (header.flag, label_to_int(header.label), payload)
             reader.read_raw(key)
         reader.labels()
         reader.identities()

@@ -49,7 +49,7 @@ class RecImages:
         return len(self.keys)
 
     def read(self, index: int) -> bytes:
-        return self.reader[int(self.keys[index])][1]
+        return self.reader.read_image(int(self.keys[index]))[2]
 
 
 class ShardImages:

@@ -37,6 +37,8 @@ LENGTH_MASK = (1 << 29) - 1
 MAX_PART_LENGTH = LENGTH_MASK
 _FRAME = struct.Struct("<II")
 _IR = struct.Struct("<IfQQ")
+_FAST_HEAD = struct.Struct("<IIIf")  # magic, lrec, flag, label
+_F32 = struct.Struct("<f")
 IR_SIZE = _IR.size  # 24 bytes
 
 
@@ -88,11 +90,13 @@ def unpack_record(record: bytes | memoryview, where: str = "record") -> tuple[IR
     return IRHeader(flag, label, id_, id2), bytes(record[start:])
 
 
-def label_to_int(label: Any) -> int:
+def label_to_int(label: Any, where: str = "record") -> int:
     """Identity of an image record: the scalar label, or element 0 of a label vector."""
-    if isinstance(label, np.ndarray):
-        return int(label[0]) if label.size else -1
-    return int(label)
+    value = (label[0] if label.size else -1) if isinstance(label, np.ndarray) else label
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        raise DataError(f"{where}: label {value} is not a finite number") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -466,12 +470,39 @@ class RecordReader:
             start = vec_end
         return IRHeader(flag, label, id_, id2), mm[start:end]
 
+    def read_image(self, key: int) -> tuple[int, int, bytes]:
+        """``(flag, identity, payload)`` of image ``key``: the conversion fast path.
+
+        One ``struct`` call reads framing, flag and scalar label together; no IRHeader or
+        label array is built. Multipart and damaged records take the full path.
+        """
+        try:
+            off = self._offset_list[self._position(key)]
+        except KeyError:
+            raise self._missing(key) from None
+        _, lrec, flag, label = _FAST_HEAD.unpack_from(self._mm, off) \
+            if off + 16 <= self._size else (0, 1 << 29, 0, 0.0)
+        start = off + 8 + IR_SIZE + 4 * flag
+        end = off + 8 + lrec
+        if lrec >> 29 or end > self._size or start > end:
+            header, payload = self[key]
+            return header.flag, label_to_int(header.label, self._where(key)), payload
+        if flag:
+            label = _F32.unpack_from(self._mm, off + 8 + IR_SIZE)[0]
+        try:
+            return flag, int(label), self._mm[start:end]
+        except (ValueError, OverflowError):
+            return flag, label_to_int(label, self._where(key)), b""
+
     def header(self, key: int) -> IRHeader:
         return self[key][0]
 
     def label_of(self, key: int) -> int:
         """Identity of image ``key``: scalar label or label[0]."""
-        return label_to_int(self[key][0].label)
+        return label_to_int(self[key][0].label, self._where(key))
+
+    def _where(self, key: int) -> str:
+        return f"{self.rec_path}: key {key}"
 
     def iter_records(self, keys: Iterable[int] | None = None
                      ) -> Iterator[tuple[int, IRHeader, bytes]]:
@@ -488,14 +519,15 @@ class RecordReader:
             if 0 in self:
                 head = self.header(0)
                 if head.flag >= 2:
-                    first_identity = int(head.label[0])
-                    end_identity = int(head.label[1])
-                    if not (1 <= first_identity <= end_identity):
+                    first, end = (float(v) for v in head.label[:2])
+                    top = float(len(self._keys)) + 1  # keys are distinct: none exceeds this
+                    if not (1 <= first <= end <= top + len(self._keys)) or \
+                            first > top or not first.is_integer() or not end.is_integer():
                         raise DataError(f"{self.rec_path}: header record 0 has label "
                                         f"{head.label.tolist()}, not [first_identity_key, "
                                         f"end_identity_key)")
-                    image_keys = np.arange(1, first_identity, dtype=np.int64)
-                    identity_keys = np.arange(first_identity, end_identity, dtype=np.int64)
+                    image_keys = np.arange(1, int(first), dtype=np.int64)
+                    identity_keys = np.arange(int(first), int(end), dtype=np.int64)
             self._layout = (image_keys, identity_keys)
         return self._layout
 
@@ -527,7 +559,11 @@ class RecordReader:
                 if head.flag < 2:
                     raise DataError(f"{self.rec_path}: identity record {key} has flag "
                                     f"{head.flag}, expected a [first, end) label vector")
-                ranges[i] = int(head.label[0]), int(head.label[1])
+                first, end = (float(v) for v in head.label[:2])
+                if not (0 <= first <= end < 2**62):
+                    raise DataError(f"{self.rec_path}: identity record {key} has label "
+                                    f"{head.label.tolist()}, not an image key range")
+                ranges[i] = int(first), int(end)
             return ranges
         keys = self.image_keys()
         labels = self.labels()
@@ -556,14 +592,18 @@ class RecordReader:
                     lrec = unpack("<I", mm, off + 4)[0]
                     if lrec >> 29 or lrec < IR_SIZE or off + 8 + lrec > self._size:
                         header = self.header(int(keys[i]))  # multipart or damaged: full path
-                        flags[i], labels[i] = header.flag, label_to_int(header.label)
+                        flags[i] = header.flag
+                        labels[i] = label_to_int(header.label, self._where(int(keys[i])))
                         continue
                     flag, label = unpack("<If", mm, off + 8)
                     if flag:
                         if 4 * flag + IR_SIZE > lrec:
                             self.header(int(keys[i]))  # raises the precise error
                         label = unpack("<f", mm, off + 8 + IR_SIZE)[0]
-                    flags[i], labels[i] = flag, int(label)
+                    try:
+                        flags[i], labels[i] = flag, int(label)
+                    except (ValueError, OverflowError):
+                        label_to_int(label, self._where(int(keys[i])))
                 drop_pages(mm, int(chunk.min()), int(chunk.max()) + 8 + IR_SIZE + 4)
             self._labels, self._flags = labels, flags
         return self._labels, self._flags

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from facekd.data.recordio import label_to_int
 from facekd.errors import DataError
 from facekd.fileio import atomic_path, write_json_atomic
 
@@ -127,11 +126,8 @@ class RecSamples:
     def get(self, index: int) -> tuple[int, int, int, bytes, str]:
         """``(key, label, flag, image bytes, ext)`` of sample ``index``."""
         key = self._key_list[index]
-        header, payload = self.reader[key]
-        ext = check_image_bytes(payload, self.reader.rec_path, key)
-        label = header.label
-        return key, int(label) if header.flag == 0 else label_to_int(label), header.flag, \
-            payload, ext
+        flag, label, payload = self.reader.read_image(key)
+        return key, label, flag, payload, check_image_bytes(payload, self.reader.rec_path, key)
 
     def key_of(self, index: int) -> int:
         return int(self.keys[index])
