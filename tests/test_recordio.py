@@ -320,3 +320,17 @@ def test_write_insightface_dataset_sorted_single_pass(tmp_path):
     with pytest.raises(DataError, match="label 7"):
         write_insightface_dataset(tmp_path / "bad", [(7, b"x")], num_classes=3)
     assert not (tmp_path / "bad" / "train.rec").exists()
+
+
+def test_nonfinite_labels_and_impossible_headers_are_data_errors(tmp_path):
+    _write_folder(tmp_path, [(IRHeader(0, float("nan"), 0, 0), b"x")])
+    reader = open_rec(tmp_path)
+    with pytest.raises(DataError, match="key 0: label nan is not a finite number"):
+        reader.labels()
+    with pytest.raises(DataError, match="key 0: label nan"):
+        reader.read_image(0)
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    _write_folder(folder, [(IRHeader(0, [1e30, 2e30], 0, 0), b""), (IRHeader(0, 1.0, 1, 0), b"")])
+    with pytest.raises(DataError, match="header record 0 has label"):
+        open_rec(folder).image_keys()
