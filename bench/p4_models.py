@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     lines = ["# P4: backbone cost and Partial FC sampling", "",
              f"torch {env['torch']}, {env['threads']} CPU threads, load average "
              f"{env['load_average']:.1f} at the start of the run (shared machine: compare "
-             "ratios, not absolute times). Command: `python -m bench.p4_models`", "",
+             "ratios, not absolute times). Command: "
+             f"`python -m bench.p4_models {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             "",
              "## Backbones (112x112)", "",
              "| arch | params (M) | GMACs | emb | batch-1 infer ms | x mbf | "
              f"train step b{args.train_batch} ms | x mbf |",
