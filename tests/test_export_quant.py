@@ -145,3 +145,21 @@ def test_calibration_sources(tmp_path):
     (tmp_path / "x.txt").write_text("no")
     with pytest.raises(FacekdError):
         quantize.load_calibration_images(tmp_path / "x.txt", count=4)
+
+
+def test_own_fp16_conversion_when_onnxconverter_is_missing(exported, tmp_path, monkeypatch):
+    out, _ = exported
+    monkeypatch.setitem(__import__("sys").modules, "onnxconverter_common", None)
+    model_proto, converter = quantize.convert_fp16(onnx.load(str(out)))
+    assert converter == "facekd"
+    onnx.checker.check_model(model_proto)
+    half = tmp_path / "half.onnx"
+    onnx.save(model_proto, str(half))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model_proto.graph.initializer)
+    assert model_proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    x = parity.to_model_input(parity.synthetic_aligned_faces(4, seed=6))
+    report = parity.compare_embeddings(parity.onnx_embeddings(out, x, False),
+                                       parity.onnx_embeddings(half, x, False), "fp16",
+                                       parity.FP16_THRESHOLDS)
+    assert report.passed and report.max_one_minus_cos < 1e-4
+    assert check_challenge(half, allow_fp16=True)["passed"]
