@@ -865,4 +865,4 @@ def _progress(enabled: bool, desc: str, total: int | None = None) -> Any:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", mininterval=1.0)
+    return tqdm(total=total, desc=desc, unit="img", mininterval=1.0, disable=None)
