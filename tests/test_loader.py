@@ -132,6 +132,12 @@ def test_mid_epoch_resume_continues_the_same_stream(shards_dir):
     resumed.load_state_dict(state)
     tail = [b["key"].tolist() for b in resumed]
     assert head + tail == full
+    done = resumed.state_dict()
+    assert done["batches_done"] == len(full)
+    finished = build_train_loader(shards_dir, 6)
+    finished.load_state_dict(done)
+    assert list(finished) == []  # resumed after the last batch: nothing repeats
+    assert len(list(finished)) == len(full)  # a new pass replays the epoch
     resumed.set_epoch(4)
     assert len(list(resumed)) == len(full)
     other = build_train_loader(shards_dir, 5)

@@ -270,6 +270,7 @@ class TrainLoader:
         self.flip, self.drop_last, self.labelled = flip, drop_last, labelled
         self.num_classes = int(self.source.num_classes)
         self._batches_done = 0
+        self._resumed_complete = False
         self._pool = BufferPool()
 
     @property
@@ -283,6 +284,7 @@ class TrainLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self._batches_done = 0
+        self._resumed_complete = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "batches_done": self._batches_done,
@@ -298,8 +300,14 @@ class TrainLoader:
         self.seed = int(state.get("seed", self.seed))
         self.epoch = int(state["epoch"])
         self._batches_done = int(state["batches_done"])
+        # a state saved after the epoch's last batch resumes to an empty pass, not a
+        # repeat of the epoch (a teacher cache would otherwise see every sample twice)
+        self._resumed_complete = self._batches_done >= len(self)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._resumed_complete:
+            self._resumed_complete = False
+            return
         start = self._batches_done if self._batches_done < len(self) else 0
         self._batches_done = start
         stream = _BatchStream(self.source, self.batch_size, self.seed, self.epoch, self.rank,
