@@ -214,6 +214,7 @@ def test_teacher_centres_cli_and_resume(tmp_path):
     torch.testing.assert_close(saved["centres"], expected, atol=1e-5, rtol=1e-5)
     assert saved["counts"].tolist() == [2, 2, 2]
     assert not (tmp_path / "c.pt.partial.pt").exists()
+    assert "resuming teacher centres" in (tmp_path / "c.pt.log").read_text()
     teacher = load_teacher(tmp_path / "t.pt", classifier=out, device="cpu")
     torch.testing.assert_close(teacher.centres, saved["centres"])
 

@@ -365,6 +365,7 @@ def teacher_centres(teacher_spec: str | os.PathLike, data: str | os.PathLike,
     from tqdm import tqdm
 
     from facekd.fileio import atomic_path
+    from facekd.logs import add_file_log
 
     if loader_factory is None:
         from facekd.data.loader import build_train_loader as loader_factory
@@ -372,48 +373,54 @@ def teacher_centres(teacher_spec: str | os.PathLike, data: str | os.PathLike,
         raise ConfigError("--batch-size and --save-every must be positive")
     out = Path(out)
     partial = out.with_name(out.name + ".partial.pt")
-    if teacher is None:
-        teacher = load_teacher(teacher_spec, arch=arch, device=device)
-    loader = loader_factory(data, batch_size, seed=0, epoch=0, flip=False, drop_last=False,
-                            labelled=True, num_workers=num_workers)
-    num_classes = int(loader.num_classes)
-    dim = teacher.embedding_size or int(teacher.embed(torch.zeros(1, 3, 112, 112)).shape[1])
-    settings = {"teacher": str(teacher_spec), "data": str(data), "batch_size": batch_size,
-                "num_classes": num_classes, "dim": dim}
-    sums = torch.zeros(num_classes, dim, dtype=torch.float64)
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    if partial.exists():
-        state = torch.load(partial, map_location="cpu", weights_only=True)
-        if state.get("settings") != settings:
-            raise ConfigError(f"{partial}: left by a run with other settings "
-                              f"({state.get('settings')}); delete it to start over")
-        sums, counts = state["sums"], state["counts"]
-        loader.load_state_dict(state["loader"])
-        log.info("resuming teacher centres from %s", partial)
-    done = loader.state_dict().get("batches_done", 0)
-    bar = tqdm(total=len(loader), initial=done, desc="teacher centres", unit="batch",
-               disable=not progress)
-    since_save = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handler = add_file_log(out.with_name(out.name + ".log"))
+    try:
+        if teacher is None:
+            teacher = load_teacher(teacher_spec, arch=arch, device=device)
+        loader = loader_factory(data, batch_size, seed=0, epoch=0, flip=False, drop_last=False,
+                                labelled=True, num_workers=num_workers)
+        num_classes = int(loader.num_classes)
+        dim = teacher.embedding_size or int(teacher.embed(torch.zeros(1, 3, 112, 112)).shape[1])
+        settings = {"teacher": str(teacher_spec), "data": str(data), "batch_size": batch_size,
+                    "num_classes": num_classes, "dim": dim}
+        sums = torch.zeros(num_classes, dim, dtype=torch.float64)
+        counts = torch.zeros(num_classes, dtype=torch.long)
+        if partial.exists():
+            state = torch.load(partial, map_location="cpu", weights_only=True)
+            if state.get("settings") != settings:
+                raise ConfigError(f"{partial}: left by a run with other settings "
+                                  f"({state.get('settings')}); delete it to start over")
+            sums, counts = state["sums"], state["counts"]
+            loader.load_state_dict(state["loader"])
+            log.info("resuming teacher centres from %s", partial)
+        done = loader.state_dict().get("batches_done", 0)
+        bar = tqdm(total=len(loader), initial=done, desc="teacher centres", unit="batch",
+                   disable=not progress)
+        since_save = 0
 
-    def on_batch() -> None:
-        nonlocal since_save
-        bar.update(1)
-        since_save += 1
-        if since_save >= save_every:
-            since_save = 0
-            with atomic_path(partial) as tmp:
-                torch.save({"settings": settings, "sums": sums, "counts": counts,
-                            "loader": loader.state_dict()}, tmp)
+        def on_batch() -> None:
+            nonlocal since_save
+            bar.update(1)
+            since_save += 1
+            if since_save >= save_every:
+                since_save = 0
+                with atomic_path(partial) as tmp:
+                    torch.save({"settings": settings, "sums": sums, "counts": counts,
+                                "loader": loader.state_dict()}, tmp)
 
-    accumulate_class_sums(teacher, loader, sums, counts, on_batch)
-    bar.close()
-    centres = finish_centres(sums, counts)
-    empty = int((counts == 0).sum())
-    if empty:
-        log.warning("%d of %d classes had no labelled image; their centres are zero",
-                    empty, num_classes)
-    write_centres(out, centres, counts, {"teacher": str(teacher_spec), "data": str(data),
-                                         "scale": teacher.scale})
-    partial.unlink(missing_ok=True)
-    log.info("wrote %d class centres (%d-d) to %s", num_classes, dim, out)
-    return out
+        accumulate_class_sums(teacher, loader, sums, counts, on_batch)
+        bar.close()
+        centres = finish_centres(sums, counts)
+        empty = int((counts == 0).sum())
+        if empty:
+            log.warning("%d of %d classes had no labelled image; their centres are zero",
+                        empty, num_classes)
+        write_centres(out, centres, counts, {"teacher": str(teacher_spec), "data": str(data),
+                                             "scale": teacher.scale})
+        partial.unlink(missing_ok=True)
+        log.info("wrote %d class centres (%d-d) to %s", num_classes, dim, out)
+        return out
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
