@@ -175,6 +175,10 @@ def onnx_session(path: str | Path):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # One non-spinning thread: parity batches are small, and spinning worker threads
+    # burn the CPU that other jobs on a shared machine need.
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options,
                                 providers=["CPUExecutionProvider"])
 
