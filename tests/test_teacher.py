@@ -223,3 +223,13 @@ def test_missing_teacher_is_one_line_error(tmp_path, capsys):
     assert main(["teacher", "centres", str(tmp_path / "nope.pt"), str(tmp_path),
                  str(tmp_path / "o.npy")]) == 2
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_partial_fc_v1_tensor_shards(tmp_path):
+    weight = torch.randn(5, 8)
+    for rank in range(2):
+        start, count = shard_range(5, rank, 2)
+        torch.save(weight[start:start + count].clone(),
+                   tmp_path / f"rank_{rank}_softmax_weight.pt")
+        torch.save(torch.zeros(count, 8), tmp_path / f"rank_{rank}_softmax_weight_mom.pt")
+    torch.testing.assert_close(merge_partial_fc_shards(tmp_path), F.normalize(weight, dim=1))

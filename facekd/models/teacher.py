@@ -27,21 +27,29 @@ from facekd.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 _SHARD_RE = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
+# Older arcface_torch (PartialFC v1) saved each rank's rows as a bare tensor.
+_OLD_SHARD_RE = re.compile(r"^rank_(\d+)_softmax_weight\.pt$")
 _BACKBONE_NAMES = ("model.pt", "backbone.pth", "backbone.pt")
 
 
 # ----------------------------------------------------------------------------- classifier
 def find_partial_fc_shards(folder: str | os.PathLike) -> dict[int, Path]:
-    """``{rank: path}`` of arcface_torch ``checkpoint_gpu_{rank}.pt`` files in ``folder``."""
-    found = {}
-    for path in Path(folder).iterdir():
-        match = _SHARD_RE.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
+    """``{rank: path}`` of arcface_torch ``checkpoint_gpu_{rank}.pt`` files in ``folder``
+    (or, failing those, PartialFC v1's ``rank_{rank}_softmax_weight.pt``)."""
+    for pattern in (_SHARD_RE, _OLD_SHARD_RE):
+        found = {}
+        for path in Path(folder).iterdir():
+            match = pattern.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+        if found:
+            return dict(sorted(found.items()))
+    return {}
 
 
 def _shard_weight(obj: Any, path: Path) -> torch.Tensor:
+    if isinstance(obj, torch.Tensor):  # PartialFC v1: the rows themselves
+        obj = {"weight": obj}
     state = obj.get("state_dict_softmax_fc", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no 'state_dict_softmax_fc' (Partial FC) entry")
@@ -72,7 +80,8 @@ def merge_partial_fc_shards(shards: str | os.PathLike | dict[int, str | os.PathL
         folder = Path(shards)
         shards = find_partial_fc_shards(folder)
         if not shards:
-            raise CheckpointError(f"{folder}: no checkpoint_gpu_*.pt Partial FC files")
+            raise CheckpointError(f"{folder}: no checkpoint_gpu_*.pt (or rank_*_softmax_weight.pt)"
+                                  " Partial FC files")
     paths = {int(r): Path(p) for r, p in shards.items()}
     world = max(paths) + 1
     missing = [r for r in range(world) if r not in paths]
@@ -112,7 +121,7 @@ def load_classifier(spec: str | os.PathLike, embedding_size: int | None = None
 
     path = Path(spec)
     scale = None
-    if path.is_dir() or _SHARD_RE.match(path.name):
+    if path.is_dir() or _SHARD_RE.match(path.name) or _OLD_SHARD_RE.match(path.name):
         folder = path if path.is_dir() else path.parent
         centres = merge_partial_fc_shards(folder, embedding_size=embedding_size)
         return centres, None
