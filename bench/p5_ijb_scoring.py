@@ -19,6 +19,7 @@ Run: ``.venv/bin/python -m bench.p5_ijb_scoring`` (writes bench/results/p5_ijb.{
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 import tracemalloc
@@ -253,13 +254,35 @@ def main(argv: list[str] | None = None) -> dict:
         "tar_at_far": {str(k): v for k, v in res["tar_at_far"].items()},
         "facekd_peak_vs_pairs": growth,
         "goal": "facekd <= 0.1x reference time and < 30 s",
-        "goal_met": bool(facekd_s <= 0.1 * ref_total and facekd_s < 30),
     }
+    add_goals(result)
     out = Path(args.out)
     write_json_atomic(out / "p5_ijb.json", result)
     write_text_atomic(out / "p5_ijb.md", _markdown(result))
     print(_markdown(result))
     return result
+
+
+def _yes(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def add_goals(r: dict) -> None:
+    """Goal checks in wall time and in CPU time (the machine is shared)."""
+    cpu = r["cpu_seconds"]
+    ratio_cpu = cpu["facekd"] / cpu["reference_extrapolated"]
+    r["goals"] = {"ratio_wall": r["ratio_facekd_over_reference"] <= 0.1,
+                  "ratio_cpu_value": round(ratio_cpu, 4), "ratio_cpu": ratio_cpu <= 0.1,
+                  "under_30s_wall": r["facekd"]["total_s"] < 30,
+                  "under_30s_cpu": cpu["facekd"] < 30}
+
+
+def rerender(path: Path = RESULTS / "p5_ijb.json") -> None:
+    """Rewrite the Markdown from a stored JSON (after changing the table layout)."""
+    r = json.loads(path.read_text())
+    add_goals(r)
+    write_json_atomic(path, r)
+    write_text_atomic(path.with_suffix(".md"), _markdown(r))
 
 
 def _markdown(r: dict) -> str:
@@ -298,7 +321,12 @@ def _markdown(r: dict) -> str:
         + ", ".join(f"{g['pairs']:,} pairs: {g['peak_mib']} MiB" for g in r["facekd_peak_vs_pairs"])
         + ".",
         "",
-        f"Goal ({r['goal']}): {'met' if r['goal_met'] else 'NOT met'}.",
+        f"Goal ({r['goal']}): ratio <= 0.1 {_yes(r['goals']['ratio_wall'])} "
+        f"(wall {r['ratio_facekd_over_reference']}, CPU {r['goals']['ratio_cpu_value']}); "
+        f"< 30 s wall {_yes(r['goals']['under_30s_wall'])} ({f['total_s']} s on the shared "
+        f"machine); < 30 s CPU {_yes(r['goals']['under_30s_cpu'])} "
+        f"({r['cpu_seconds']['facekd']} CPU s: the wall time includes waiting for the 2 "
+        "cores other jobs were using).",
         "",
     ]
     return "\n".join(lines)
