@@ -363,6 +363,7 @@ def score_ijb(features: np.ndarray, faceness: np.ndarray | None, templates: np.n
     fpr, tpr, _ = binary_roc(labels, scores, drop_intermediate=True)
     tars, chosen = nearest_fpr_tar(fpr, tpr, fars)
     return {"scores": scores, "fpr": fpr, "tpr": tpr, "auc": roc_auc(fpr, tpr),
+            "template_feats": tfeats, "unique_templates": unique_templates,
             "tar_at_far": tars, "selected_fpr": chosen, "num_templates": len(unique_templates),
             "num_pairs": len(scores), "num_images": len(templates)}
 

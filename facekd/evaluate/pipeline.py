@@ -153,7 +153,6 @@ def evaluate_ijb(embedder: Any, ijb_dir: str | Path, dataset: str = "IJBC", *,
                  progress: bool = True) -> dict[str, Any]:
     """Full IJB-B/C pipeline: meta, alignment, image + flip embedding, 1:1 and 1:N scores."""
     from facekd.evaluate.identification import identify, read_one_to_n
-    from facekd.evaluate.ijb import template_features
 
     protocol = read_protocol(ijb_dir, dataset)
     lists = read_one_to_n(ijb_dir, dataset)
@@ -166,9 +165,8 @@ def evaluate_ijb(embedder: Any, ijb_dir: str | Path, dataset: str = "IJBC", *,
     result = score_ijb(feats, protocol.faceness, protocol.templates, protocol.medias,
                        protocol.p1, protocol.p2, protocol.labels, **flags)
     if lists is not None:
-        tfeats, unique = template_features(feats, protocol.templates, protocol.medias,
-                                           protocol.faceness, **flags)
-        result["identification"] = identify(tfeats, unique, lists)
+        result["identification"] = identify(result["template_feats"],
+                                            result["unique_templates"], lists)
     result.update(_provenance(embedder))
     result.update({"dataset": protocol.dataset, "dataset_dir": str(ijb_dir),
                    "dataset_sha256": source.fingerprint,
