@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 from eval_support import IJB, PixelEmbedder, make_tiny_ijb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from facekd.errors import DataError
 from facekd.evaluate import evaluate_ijb, ijb_tar_at_far
@@ -258,3 +260,27 @@ def test_one_to_n_files(tmp_path):
     with pytest.raises(DataError, match=r"gallery_G2\.csv: missing 1:N"):
         read_one_to_n(root)
     assert read_one_to_n(make_tiny_ijb(tmp_path / "plain")) is None
+
+
+def test_ijbb_file_names(tmp_path):
+    root = make_tiny_ijb(tmp_path / "ijbb", prefix="ijbb")
+    assert len(read_protocol(root, "IJBB").p1) == len(read_protocol(root, "ijbb").p1) == 6
+    with pytest.raises(DataError, match="missing IJB meta"):
+        read_protocol(root, "IJBC")
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x24F),
+                    max_size=30), where=st.integers(0, 5))
+def test_any_garbage_line_is_parsed_or_a_data_error(tmp_path, line, where):
+    root = make_tiny_ijb(tmp_path / f"g{abs(hash((line, where)))}")
+    path = root / "meta" / "ijbc_face_tid_mid.txt"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[where] = line + "\n"
+    path.write_text("".join(lines))
+    try:
+        proto = read_protocol(root)
+    except DataError:
+        return
+    assert proto.templates.dtype == np.int64 and len(proto.templates) == 6

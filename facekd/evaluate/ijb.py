@@ -13,6 +13,7 @@ nearest FPR with ties to the smallest flipped index.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ def _read_columns(path: Path, kinds: str) -> list[np.ndarray]:
     try:
         frame = pd.read_csv(path, sep=r"\s+", header=None, dtype=dtypes, engine="c",
                             names=list(range(len(kinds))), keep_default_na=False,
-                            na_filter=False)
+                            na_filter=False, quoting=csv.QUOTE_NONE)
         columns = [frame[i].to_numpy() for i in range(len(kinds))]
         for col, kind in zip(columns, kinds, strict=True):
             if kind == "f":
