@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{row[b] * 100:.2f}" for b in BINS)
         lines.append(f"| {name} | {cells} | {row.get('train_s', 0):.0f} |")
     lines += ["", "Command: `.venv/bin/python -m bench.synth_difficulty "
-              f"--identities {args.identities} --epochs {args.epochs} "
-              f"--strength {args.strength:g}`", ""]
+              f"--identities {args.identities} --images-per-id {args.images_per_id} "
+              f"--pairs {args.pairs} --epochs {args.epochs} --strength {args.strength:g} "
+              f"--threads {args.threads} --seed {args.seed}`", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "" if args.strength == 1.0 else f"_s{args.strength:g}"
     write_json_atomic(RESULTS / f"synth_difficulty{tag}.json",
