@@ -8,6 +8,7 @@ environment itself.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,5 +27,6 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = train(recipe)
-    print(out)
+    if os.environ.get("RANK", "0") == "0":   # torchrun: print the run folder once
+        print(out)
     return 0

@@ -233,7 +233,9 @@ class Trainer:
         # The run's log file wants INFO even when the caller left logging unconfigured.
         package_log = logging.getLogger("facekd")
         self._saved_level = package_log.level
-        if package_log.getEffectiveLevel() > logging.INFO:
+        if not self.dist.is_main:
+            package_log.setLevel(logging.WARNING)   # one voice on the console: rank 0
+        elif package_log.getEffectiveLevel() > logging.INFO:
             package_log.setLevel(logging.INFO)
         barrier(self.dist)
         self.seed = r.run.seed
