@@ -1,6 +1,7 @@
 """P3: training-loader images/s vs bare ``cv2.imdecode`` of the same images, in one run.
 
-The loader reads each image from the shards (random order, mmap), decodes it, flips half
+The loader (built once, like in training; one epoch per round) reads each image from the
+shards (random order, mmap), decodes it, flips half
 of them, writes it into a uint8 batch and converts the batch once to float32 NCHW in
 [-1, 1]. The floor is ``cv2.imdecode`` alone over the same bytes already in memory. A
 naive loader (per-image float conversion, then ``torch.stack``) is shown for context.
@@ -44,8 +45,9 @@ def main() -> None:
         for payload in payloads:
             cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
 
-    def facekd_loader() -> None:
-        loader = build_train_loader(shards, args.batch_size, seed=0, drop_last=False)
+    loader = build_train_loader(shards, args.batch_size, seed=0, drop_last=False)
+
+    def facekd_loader() -> None:  # one epoch of a long-lived loader, as in training
         for batch in loader:
             assert batch["image"].dtype == torch.float32
 
