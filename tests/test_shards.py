@@ -17,7 +17,7 @@ from facekd.data import open_rec
 from facekd.data import shards as shards_mod
 from facekd.data.folder import folder2shards, rec2folder
 from facekd.data.recordio import IRHeader, RecordWriter, pack_record, write_insightface_dataset
-from facekd.data.shards import ShardSet, rec2shards, shards2rec, tar_header
+from facekd.data.shards import ShardSet, rec2shards, shards2rec, tar_header, tar_headers
 from facekd.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "recordio"
@@ -31,6 +31,16 @@ def _tree_bytes(folder: Path) -> dict[str, bytes]:
 def test_tar_header_is_valid_ustar():
     info = tarfile.TarInfo.frombuf(tar_header(b"123.jpg", 4321), "utf-8", "strict")
     assert (info.name, info.size, info.mtime, info.mode) == ("123.jpg", 4321, 0, 0o644)
+
+
+def test_vectorised_headers_equal_the_scalar_ones():
+    rng = np.random.default_rng(0)
+    names = [b"%d.%s" % (k, e) for k, e in zip(rng.integers(0, 10**12, 50).tolist(),
+                                               [b"jpg", b"png", b"json"] * 17, strict=False)]
+    sizes = rng.integers(0, 2**32, 50)
+    block = tar_headers(np.array(names, "S100"), sizes)
+    for row, name, size in zip(block, names, sizes.tolist(), strict=True):
+        assert row.tobytes() == tar_header(name, size)
 
 
 def test_rec2shards_manifest_matches_source(tmp_path):
