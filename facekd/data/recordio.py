@@ -296,6 +296,7 @@ class RecordReader:
         self._set_index(keys, offsets)
         self._layout: tuple[np.ndarray, np.ndarray | None] | None = None
         self._labels: np.ndarray | None = None
+        self._view: memoryview | None = None
 
     # -- set-up ---------------------------------------------------------------------
     def _open(self) -> None:
@@ -340,7 +341,7 @@ class RecordReader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_file", "_mm", "_offset_list"):
+        for name in ("_file", "_mm", "_offset_list", "_view"):
             state[name] = None
         return state
 
@@ -351,6 +352,9 @@ class RecordReader:
 
     def close(self) -> None:
         self._offset_list = None  # type: ignore[assignment]
+        if self._view is not None:
+            self._view.release()  # raises BufferError while payload views are alive
+            self._view = None
         if isinstance(self._mm, mmap.mmap):
             self._mm.close()
         if self._file is not None:
@@ -470,11 +474,13 @@ class RecordReader:
             start = vec_end
         return IRHeader(flag, label, id_, id2), mm[start:end]
 
-    def read_image(self, key: int) -> tuple[int, int, bytes]:
+    def read_image(self, key: int, view: bool = False) -> tuple[int, int, bytes]:
         """``(flag, identity, payload)`` of image ``key``: the conversion fast path.
 
         One ``struct`` call reads framing, flag and scalar label together; no IRHeader or
-        label array is built. Multipart and damaged records take the full path.
+        label array is built. Multipart and damaged records take the full path. With
+        ``view=True`` the payload of a single-part record is a zero-copy memoryview into
+        the mapping (drop it before :meth:`close`).
         """
         try:
             off = self._offset_list[self._position(key)]
@@ -490,9 +496,14 @@ class RecordReader:
         if flag:
             label = _F32.unpack_from(self._mm, off + 8 + IR_SIZE)[0]
         try:
-            return flag, int(label), self._mm[start:end]
+            label = int(label)
         except (ValueError, OverflowError):
             return flag, label_to_int(label, self._where(key)), b""
+        if view:
+            if self._view is None:
+                self._view = memoryview(self._mm)
+            return flag, label, self._view[start:end]
+        return flag, label, self._mm[start:end]
 
     def header(self, key: int) -> IRHeader:
         return self[key][0]

@@ -71,13 +71,12 @@ def image_ext(payload: bytes | memoryview) -> str | None:
     return None
 
 
-def check_image_bytes(payload: bytes, where: Any, key: int | None = None) -> str:
+def check_image_bytes(payload: bytes | memoryview, where: Any, key: int | None = None) -> str:
     """Cheap structural check (no decode): JPEG/PNG signature and end marker.
 
     ``where`` (and ``key``) only name the record in the error message.
     """
-    head = payload[:3]
-    if head == b"\xff\xd8\xff" and b"\xff\xd9" in payload[-64:]:
+    if payload[:3] == b"\xff\xd8\xff" and b"\xff\xd9" in bytes(payload[-64:]):
         return "jpg"  # the common case, checked without building any string
     if key is not None:
         where = f"{where}: key {key}"
@@ -85,7 +84,7 @@ def check_image_bytes(payload: bytes, where: Any, key: int | None = None) -> str
     if ext is None:
         raise DataError(f"{where}: payload of {len(payload)} bytes is not a JPEG or PNG image "
                         f"(starts {bytes(payload[:8]).hex()})")
-    tail = payload[-64:]
+    tail = bytes(payload[-64:])
     if (ext == "jpg" and b"\xff\xd9" not in tail) or (ext == "png" and b"IEND" not in tail):
         kind = "JPEG" if ext == "jpg" else "PNG"
         raise DataError(f"{where}: {kind} image of {len(payload)} bytes is truncated "
@@ -126,7 +125,7 @@ class RecSamples:
     def get(self, index: int) -> tuple[int, int, int, bytes, str]:
         """``(key, label, flag, image bytes, ext)`` of sample ``index``."""
         key = self._key_list[index]
-        flag, label, payload = self.reader.read_image(key)
+        flag, label, payload = self.reader.read_image(key, view=True)  # zero-copy
         return key, label, flag, payload, check_image_bytes(payload, self.reader.rec_path, key)
 
     def key_of(self, index: int) -> int:
