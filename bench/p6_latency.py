@@ -77,6 +77,32 @@ def _ort_runner(path: Path, threads: int):
     return lambda x: session.run(None, {name: x})[0]
 
 
+def _op_profile(path: Path, x: np.ndarray, threads: int, runs: int, workdir: Path) -> dict:
+    """Milliseconds per run spent in each op type (onnxruntime's profiler), after warm-up."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / f"profile_{path.stem}")
+    session = ort.InferenceSession(str(path), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(runs):
+        session.run(None, {name: x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1e3 / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
 def _torch_runner(model, threads: int):
     import torch
 
@@ -116,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--calib", type=int, default=256, help="INT8 calibration images")
+    parser.add_argument("--profile-runs", type=int, default=30,
+                        help="runs of onnxruntime's per-op profiler (FP32, INT8)")
     parser.add_argument("--out", default=str(RESULTS / "p6_latency"))
     args = parser.parse_args(argv)
 
@@ -144,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         runners["onnx_int8_all_layers"] = _ort_runner(all_int8, args.threads)
         x = to_model_input(synthetic_aligned_faces(1, seed=77))
         timings = _time_interleaved(runners, x, args.warmup, args.rounds)
+        profiles = {variant: _op_profile(variant_path(out, variant), x, args.threads,
+                                         args.profile_runs, workdir)
+                    for variant in ("fp32", "int8")}
 
     med = {k: v["median_ms"] for k, v in timings.items()}
     ratios = {
@@ -168,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "export_seconds": export_s, "timings": timings, "ratios": ratios, "goals": goals,
         "goals_met": {k: ratios[k] <= g for k, g in goals.items()},
         "parity_max_one_minus_cos": parity, "file_bytes": sizes,
+        "op_profile_ms": profiles,
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
                     "load_average_1m": os.getloadavg()[0], "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__},
@@ -205,6 +237,20 @@ def _markdown(r: dict) -> str:
         goal = r["goals"].get(name)
         met = "–" if goal is None else ("yes" if value <= goal else "**no**")
         lines.append(f"| {name} | {value:.3f} | {'≤ ' + str(goal) if goal else '–'} | {met} |")
+    profiles = r.get("op_profile_ms") or {}
+    if profiles:
+        ops = sorted({op for p in profiles.values() for op in p},
+                     key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))
+        lines += ["", "Where the time goes (onnxruntime profiler, ms per run, kernel time by op "
+                  "type; PRelu has no INT8 kernel, so INT8 runs it in FP32 between "
+                  "Dequantize/Quantize):", "",
+                  "| op | " + " | ".join(profiles) + " |",
+                  "|---|" + "---|" * len(profiles)]
+        for op in ops[:10]:
+            lines.append(f"| {op} | " + " | ".join(f"{p.get(op, 0.0):.2f}"
+                                                   for p in profiles.values()) + " |")
+        lines.append("| total | " + " | ".join(f"{sum(p.values()):.2f}"
+                                                for p in profiles.values()) + " |")
     lines += ["", "Command: `.venv/bin/python -m bench.p6_latency"
               + (f" --arch {r['arch']}" if r["arch"] != "mbf" else "")
               + (f" --threads {r['threads']}" if r["threads"] != 1 else "") + "`", ""]
