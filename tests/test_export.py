@@ -96,7 +96,7 @@ def test_graph_contract_and_dynamic_batch(tiny_onnx, tiny_ckpt):
     meta = read_metadata(tiny_onnx)
     assert meta["facekd.input_normalization"] == "outside"
     assert meta["facekd.arch"] == "mbf_tiny"
-    model, _ = onnx_export.load_student(tiny_ckpt).model, None
+    model = load_student(tiny_ckpt).model
     x = parity.to_model_input(parity.synthetic_aligned_faces(7, seed=3))
     full = _run(tiny_onnx, x)
     np.testing.assert_allclose(full, _torch_embed(model, x), rtol=1e-3, atol=1e-5)
