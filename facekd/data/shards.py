@@ -125,7 +125,7 @@ class RecSamples:
     def get(self, index: int) -> tuple[int, int, int, bytes, str]:
         """``(key, label, flag, image bytes, ext)`` of sample ``index``."""
         key = self._key_list[index]
-        flag, label, payload = self.reader.read_image(key, view=True)  # zero-copy
+        flag, label, payload = self.reader.read_image(key)
         return key, label, flag, payload, check_image_bytes(payload, self.reader.rec_path, key)
 
     def key_of(self, index: int) -> int:
@@ -158,7 +158,7 @@ def _sample_json(key: int, label: int, flag: int) -> bytes:
 
 
 _HEADER_ROW = np.frombuffer(tar_header(b"", 0), np.uint8)  # template for a block of headers
-_BATCH = 1024  # samples whose headers are built together
+_BATCH = 256  # samples whose headers are built together (block stays cache-sized)
 
 
 def tar_headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
