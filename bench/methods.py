@@ -229,7 +229,7 @@ def evaluate_model(model: Path, layout: Layout, progress: bool, workers: int) ->
         previous = json.loads(out.read_text())
         if previous.get("model_sha256") == digest:
             return previous
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     embedder = load_embedder(model, device="cpu")
     scores: dict[str, Any] = {"model": str(model), "model_sha256": digest}
     for name in BINS:
@@ -244,6 +244,7 @@ def evaluate_model(model: Path, layout: Layout, progress: bool, workers: int) ->
     scores[PRIMARY] = 100.0 * _far_key(res["tar_at_far"], 1e-3)
     scores["ijb_pairs"] = int(res["num_pairs"])
     scores["eval_seconds"] = time.perf_counter() - start
+    scores["eval_cpu_seconds"] = time.process_time() - cpu
     write_json_atomic(out, scores)
     return scores
 
@@ -307,9 +308,11 @@ def execute(task: Task, work: str, size: BenchSize, methods: list[str], progress
             sources.append((layout.shards_unlabelled, layout.cache_unlabelled))
         for source, out in sources:
             if not _cache_complete(out):
+                cpu, wall = time.process_time(), time.perf_counter()
                 build_teacher_cache(str(layout.teacher / "full.pt"), str(source), out,
                                     batch_size=size.batch_size, device="cpu", progress=progress)
                 did["trained"] = True
+                _write_cost(out, "cache", time.process_time() - cpu, time.perf_counter() - wall)
         did["seconds"] = time.perf_counter() - start
         return did
     if task.kind == "teacher":
@@ -322,11 +325,27 @@ def execute(task: Task, work: str, size: BenchSize, methods: list[str], progress
         overrides = student_overrides(layout, size, task.method, task.seed, progress)
     if not (run / "summary.json").exists():
         log.info("%s: training (%s, overrides %s)", task.name, recipe, " ".join(overrides))
+        cpu, wall = time.process_time(), time.perf_counter()
         _train(recipe, overrides)
         did["trained"] = True
+        _write_cost(run, "train", time.process_time() - cpu, time.perf_counter() - wall)
     scores = evaluate_model(run / "student.pt", layout, progress, io_workers)
     did.update({"seconds": time.perf_counter() - start, "scores": scores})
     return did
+
+
+def _write_cost(folder: Path, what: str, cpu_seconds: float, wall_seconds: float) -> None:
+    """CPU seconds (all threads) beside wall seconds: on a shared machine only the CPU
+    time says what a run would take on idle cores (a resumed run records its last part)."""
+    import torch
+
+    from facekd.fileio import write_json_atomic
+
+    path = folder / "bench_cost.json"
+    cost = _read_json(path) or {}
+    cost[what] = {"cpu_seconds": cpu_seconds, "wall_seconds": wall_seconds,
+                  "torch_threads": torch.get_num_threads(), "load_average_1min": _load()}
+    write_json_atomic(path, cost)
 
 
 def _init_worker(threads: int) -> None:
@@ -399,7 +418,9 @@ def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int
         teacher["seeds"] = [0]
         teacher["runs"]["0"] = {"train_seconds": (teacher_summary or {}).get("train_seconds"),
                                 "steps": (teacher_summary or {}).get("steps"),
-                                "eval_seconds": teacher_eval.get("eval_seconds")}
+                                "train_cpu_seconds": _train_cpu(layout.teacher),
+                                "eval_seconds": teacher_eval.get("eval_seconds"),
+                                "eval_cpu_seconds": teacher_eval.get("eval_cpu_seconds")}
     rows: dict[str, dict[str, Any]] = {}
     missing: list[str] = [] if teacher_eval else ["teacher"]
     for method in methods:
@@ -416,7 +437,9 @@ def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int
             row["seeds"].append(seed)
             row["runs"][str(seed)] = {"train_seconds": summary.get("train_seconds"),
                                       "steps": summary.get("steps"),
+                                      "train_cpu_seconds": _train_cpu(run),
                                       "eval_seconds": evaluation.get("eval_seconds"),
+                                      "eval_cpu_seconds": evaluation.get("eval_cpu_seconds"),
                                       **{m: evaluation.get(m) for m in METRICS}}
             for metric in METRICS:
                 if evaluation.get(metric) is not None:
@@ -466,10 +489,30 @@ def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int
         "student_alone": rows.get("none"),
         "methods": rows,
         "wall_time_s": wall_seconds,
+        "cpu_seconds": _cpu_totals(layout, teacher, rows),
         "data_prep_seconds": data.get("timings", {}),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "torch": _torch_version(), "load_average_1min": _load()},
     }
+
+
+def _cpu_totals(layout: Layout, teacher: dict[str, Any], rows: dict[str, dict[str, Any]]
+                ) -> dict[str, float]:
+    """Core-seconds spent so far (train, eval, cache): the idle-machine cost estimate."""
+    runs = [*teacher["runs"].values(), *(r for row in rows.values()
+                                         for r in row["runs"].values())]
+    totals = {"train": sum(r.get("train_cpu_seconds") or 0.0 for r in runs),
+              "eval": sum(r.get("eval_cpu_seconds") or 0.0 for r in runs),
+              "cache": sum(((_read_json(folder / "bench_cost.json") or {}).get("cache") or {})
+                           .get("cpu_seconds", 0.0)
+                           for folder in (layout.cache, layout.cache_unlabelled))}
+    totals["total"] = sum(totals.values())
+    return totals
+
+
+def _train_cpu(run: Path) -> float | None:
+    cost = _read_json(run / "bench_cost.json") or {}
+    return (cost.get("train") or {}).get("cpu_seconds")
 
 
 def _first_steps(layout: Layout, methods: list[str], seeds: list[int]) -> int | None:
@@ -558,9 +601,12 @@ def markdown(result: dict[str, Any]) -> str:
     if result["failed_runs"]:
         lines.append("**Failed runs:** " + "; ".join(
             f"{k}: {v.splitlines()[0]}" for k, v in result["failed_runs"].items()))
+    cpu = result.get("cpu_seconds", {}).get("total", 0.0)
     lines += ["", f"Wall time so far: {result['wall_time_s'] / 60:.1f} min "
               f"(load average at write: {result['machine']['load_average_1min']}, "
-              f"{result['machine']['cpus']} CPUs). Per-run numbers: `methods.json`.", ""]
+              f"{result['machine']['cpus']} CPUs); CPU time of training, evaluation and "
+              f"cache: {cpu / 60:.1f} core-min (data generation not counted). Per-run "
+              "numbers: `methods.json`.", ""]
     return "\n".join(lines)
 
 
@@ -577,18 +623,23 @@ def verdict(result: dict[str, Any]) -> list[str]:
     if teacher is not None and alone is not None and teacher <= alone:
         out.append(f"The teacher ({teacher:.2f}) does not beat the student alone "
                    f"({alone:.2f}) on TAR@FAR=1e-3: there is no gap to close, so the gap "
-                   "shares below say nothing.")
-    out += [f"SRD closes {_share(share)} of the teacher-student TAR@FAR=1e-3 gap "
-           f"(goal >= 60 %: {'met' if share is not None and share >= 0.6 else 'NOT met'})."]
+                   "shares say nothing and the 60 % goal cannot be judged.")
+    else:
+        goal = "met" if share is not None and share >= 0.6 else "NOT met"
+        out.append(f"SRD closes {_share(share)} of the teacher-student TAR@FAR=1e-3 gap "
+                   f"(goal >= 60 %: {goal}).")
     for base in ("kd", "feature", "rkd"):
         other = rows.get(base)
         if not other or other[PRIMARY]["mean"] is None:
             out.append(f"SRD vs {base}: {base} has no finished run.")
             continue
         a, b = srd[PRIMARY]["mean"], other[PRIMARY]["mean"]
-        out.append(f"SRD vs {base}: {a:.2f} vs {b:.2f} TAR@FAR=1e-3 -> "
-                   f"{'SRD better' if a > b else 'SRD NOT better'} on the mean "
-                   f"({srd[PRIMARY]['n']} vs {other[PRIMARY]['n']} seeds).")
+        spread = [x["std"] for x in (srd[PRIMARY], other[PRIMARY]) if x["std"] is not None]
+        within = (f"; difference {a - b:+.2f} vs seed std up to {max(spread):.2f}"
+                  if len(spread) == 2 else "")
+        out.append(f"SRD vs {base}: {_fmt(srd[PRIMARY])} vs {_fmt(other[PRIMARY])} "
+                   f"TAR@FAR=1e-3 -> {'SRD better' if a > b else 'SRD NOT better'} on the mean "
+                   f"({srd[PRIMARY]['n']} vs {other[PRIMARY]['n']} seeds{within}).")
     return [f"- {line}" for line in out]
 
 
