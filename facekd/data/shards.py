@@ -349,9 +349,14 @@ def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]
                     fut = pool.submit(fn, str(out), shard, start, stop, skip_bad)
                     pending[fut] = stop - start
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    bar.update(pending.pop(fut))
-                    yield fut.result()
+                try:
+                    for fut in done:
+                        bar.update(pending.pop(fut))
+                        yield fut.result()
+                except BaseException:
+                    for fut in pending:  # stop at the first bad shard: queued ones never start
+                        fut.cancel()
+                    raise
     finally:
         bar.close()
 
