@@ -109,3 +109,22 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path, capsys):
 
     assert _run("verify", tmp_path / "nope.pt", BIN) == 2
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_onnx_with_normalisation_inside_gets_raw_pixels(models, tmp_path):
+    import numpy as np
+    import onnx
+
+    from facekd.evaluate.pipeline import RawPixelInput, _load
+
+    _, onnx_path = models
+    proto = onnx.load(str(onnx_path))
+    proto.metadata_props.add(key="facekd.input_normalization", value="inside")
+    inside = tmp_path / "inside.onnx"
+    onnx.save(proto, str(inside))
+    wrapped = _load(inside, None, "cpu")
+    assert isinstance(wrapped, RawPixelInput)
+    assert not isinstance(_load(onnx_path, None, "cpu"), RawPixelInput)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
+    np.testing.assert_array_equal(wrapped(x), wrapped.inner(x * np.float32(127.5)
+                                                             + np.float32(127.5)))

@@ -179,10 +179,36 @@ def evaluate_ijb(embedder: Any, ijb_dir: str | Path, dataset: str = "IJBC", *,
 # ------------------------------------------------------------------- CLI entry points
 
 
+class RawPixelInput:
+    """For ONNX files with the normalisation inside the graph (facekd export
+    ``--normalize-inside``): they expect 0..255 pixels, so the [-1, 1] batch is undone."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.name = f"{getattr(inner, 'name', '')} (normalises inside)"
+        self.sha256 = getattr(inner, "sha256", "")
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.inner(np.asarray(batch, dtype=np.float32) * np.float32(127.5)
+                          + np.float32(127.5))
+
+
+def onnx_normalizes_inside(path: str | Path) -> bool:
+    """The ``facekd.input_normalization`` metadata of an ONNX file (weights not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(p.key == "facekd.input_normalization" and p.value == "inside"
+               for p in proto.metadata_props)
+
+
 def _load(model: str | Path, arch: str | None, device: str | None) -> Any:
     from facekd.models.embedder import load_embedder
 
-    return load_embedder(model, arch=arch, device=device)
+    embedder = load_embedder(model, arch=arch, device=device)
+    if Path(model).suffix.lower() == ".onnx" and onnx_normalizes_inside(model):
+        return RawPixelInput(embedder)
+    return embedder
 
 
 def verification_row(res: dict[str, Any]) -> dict[str, Any]:
