@@ -12,6 +12,9 @@ from facekd.cli import main
 
 BIN = VERIF / "tiny_pairs.bin"
 
+# Builds a model, exports ONNX and embeds real images: ~40 s on 2 busy cores.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
