@@ -744,6 +744,7 @@ def _schedule(todo: list[Task], done: set[str], jobs: int, work: Path, size: Ben
 
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     running: dict[Any, Task] = {}
@@ -764,12 +765,19 @@ def _schedule(todo: list[Task], done: set[str], jobs: int, work: Path, size: Ben
             if not running:
                 break
             finished_futures, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            broken = False
             for future in finished_futures:
                 task = running.pop(future)
                 try:
                     record(task, future.result(), None)
+                except BrokenProcessPool as exc:  # a worker died (killed, out of memory)
+                    record(task, None, f"worker process died: {exc!r}")
+                    broken = True
                 except Exception as exc:
                     record(task, None, str(exc))
+            if broken:
+                log.error("a worker process died; stopping here (rerun to resume)")
+                break
 
 
 def main(argv: list[str] | None = None) -> int:
