@@ -114,7 +114,8 @@ def render_identity_images(seed: int, role: int, index: int, specs: list[dict[st
             quality = (1.0 - 0.2 * nuis.blur / 1.6 - 0.2 * (nuis.occluder > 0)
                        - 0.15 * min(1.0, abs(np.degrees(nuis.yaw)) / 50) - 0.08 * nuis.noise / 9)
             score = float(np.clip(quality + rng.normal(0, 0.05), 0.5, 1.0))
-        image, landmarks = renderer.render(ident, nuis, index, target=target, size=size)
+        image, landmarks = renderer.render(ident, nuis, index, target=target, size=size,
+                                           rng=rng)
         if spec.get("loose"):
             landmarks = landmarks + rng.normal(0, 1.0, (5, 2))
         out.append((encode_jpeg(image, nuis.jpeg_quality), landmarks.astype(np.float32), score))

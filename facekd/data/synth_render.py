@@ -228,11 +228,15 @@ def sample_nuisance(
 
 def half_width(ident: Identity, y: np.ndarray) -> np.ndarray:
     """Head half-width at height y: full at the cheeks, tapering to the jaw and chin."""
-    t = np.clip(y / ident.head_ry, -1.0, 1.0)
-    lower = np.clip(t, 0.0, 1.0)
-    upper_w = np.sqrt(np.clip(1.0 - t * t, 0.0, 1.0))
-    jaw_w = (1.0 - lower * lower) ** (0.5 + ident.chin) * (1.0 - (1.0 - ident.jaw) * lower**1.5)
-    return ident.head_rx * np.where(t < 0, upper_w, jaw_w)
+    t = np.minimum(np.maximum(y * (1.0 / ident.head_ry), -1.0), 1.0)
+    one_minus = np.maximum(1.0 - t * t, 0.0)
+    width = np.sqrt(one_minus)  # the upper half: an ellipse
+    lower = t > 0
+    if lower.any():
+        tl = t[lower]
+        width[lower] = one_minus[lower] ** (0.5 + ident.chin) * (
+            1.0 - (1.0 - ident.jaw) * tl * np.sqrt(tl))
+    return ident.head_rx * width
 
 
 class _Geometry:
@@ -429,12 +433,15 @@ class FaceRenderer:
         identity_key: int = 0,
         target: np.ndarray | None = None,
         size: int | None = None,
+        rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Draw one image; returns (uint8 HxWx3 RGB, true 5x2 landmarks in pixels).
 
         ``target`` gives where the landmarks should land (the ArcFace template for
         aligned faces, a larger random similarity of it for loose crops); the
-        nuisance's landmark noise perturbs the alignment like a detector would.
+        nuisance's landmark noise perturbs the alignment like a detector would. ``rng``
+        draws the small random details (clutter, occluder shape, noise window); by
+        default it is seeded from ``nuis.seed`` (passing one saves its construction).
         """
         import cv2
 
@@ -466,7 +473,8 @@ class FaceRenderer:
         pts = fx.tolist()  # python scalars: far cheaper to index than numpy rows
         vis = geo.vis
         visl = vis.tolist()
-        rng = np.random.default_rng(nuis.seed)
+        if rng is None:
+            rng = np.random.default_rng(nuis.seed)
         aa = cv2.LINE_AA
 
         def to_px(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -474,7 +482,7 @@ class FaceRenderer:
 
         # ---- background clutter
         img = np.empty((size, size, 3), np.uint8)
-        img[:] = np.clip(nuis.background, 0, 255).astype(np.uint8)
+        img[:] = [min(255, max(0, int(c))) for c in nuis.background.tolist()]
         if nuis.background_shapes:
             clutter = rng.random((nuis.background_shapes, 8))
             for row in clutter:
@@ -482,7 +490,7 @@ class FaceRenderer:
                             (int((5 + row[2] * size / 2) * ONE), int((5 + row[3] * size) * ONE)),
                             float(row[4] * 180), 0, 360,
                             (float(row[5] * 255), float(row[6] * 255), float(row[7] * 255)), -1,
-                            aa, SHIFT)
+                            cv2.LINE_8, SHIFT)  # background: no anti-aliasing needed
 
         hair_mix = min(max((age - 0.45) * 1.6, 0.0), 0.85)
         hair = ident.hair * (1 - hair_mix) + _GREY_HAIR * hair_mix
