@@ -594,7 +594,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_share(row['gap_share'][PRIMARY])} | {_fmt(row[ACC])} | "
             f"{_share(row['gap_share'][ACC])} | {_fmt(row['cfp_fp_acc'])} | "
             f"{_fmt(row['agedb_30_acc'])} |")
-    lines += ["", *verdict(result), ""]
+    lines += ["", *verdict(result), "", *per_seed_table(result), ""]
     if result["missing_runs"]:
         lines.append("**Incomplete: missing runs** " + ", ".join(result["missing_runs"]) +
                      f". Resume with `{result['command']}` (finished runs are reused).")
@@ -608,6 +608,34 @@ def markdown(result: dict[str, Any]) -> str:
               f"cache: {cpu / 60:.1f} core-min (data generation not counted). Per-run "
               "numbers: `methods.json`.", ""]
     return "\n".join(lines)
+
+
+def per_seed_table(result: dict[str, Any]) -> list[str]:
+    """Every run's own numbers, so the spread behind each mean is visible."""
+    seeds = sorted({int(s) for row in result["methods"].values() for s in row.get("runs", {})})
+    if not seeds:
+        return []
+    lines = ["Per seed: TAR@FAR=1e-3 (%) / LFW-like acc (%) / training CPU minutes.", "",
+             "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---:|" * len(seeds)]
+
+    def cell(run: dict[str, Any] | None) -> str:
+        if not run:
+            return "missing"
+        cpu = run.get("train_cpu_seconds")
+        return (f"{run[PRIMARY]:.2f} / {run[ACC]:.2f} / "
+                + ("–" if cpu is None else f"{cpu / 60:.1f}"))
+
+    teacher = result["teacher"]
+    run = (teacher.get("runs") or {}).get("0")
+    teacher_cell = cell({**run, PRIMARY: teacher[PRIMARY]["mean"], ACC: teacher[ACC]["mean"]}
+                        if run else None)
+    lines.append("| teacher (seed 0 only) | " + " | ".join(
+        teacher_cell if s == seeds[0] else "" for s in seeds) + " |")
+    for method, row in result["methods"].items():
+        lines.append(f"| {LABELS.get(method, method)} | "
+                     + " | ".join(cell(row.get("runs", {}).get(str(s))) for s in seeds) + " |")
+    return lines
 
 
 def verdict(result: dict[str, Any]) -> list[str]:

@@ -131,7 +131,11 @@ def test_markdown_names_missing_runs():
     result["methods"]["srd"] = {"seeds": [0, 1], **{m: {"mean": 75.0, "std": 2.0, "n": 2}
                                                     for m in bench.METRICS},
                                 "gap_share": {m: 0.75 for m in bench.METRICS}}
+    run = {bench.PRIMARY: 61.0, bench.ACC: 70.0, "train_cpu_seconds": 120.0}
+    result["methods"]["none"]["runs"] = {str(s): run for s in (0, 1, 2)}
+    result["methods"]["srd"]["runs"] = {"0": run, "1": run}
     text = bench.markdown(result)
+    assert "| srd | 61.00 / 70.00 / 2.0 | 61.00 / 70.00 / 2.0 | missing |" in text
     assert "missing runs** srd/seed2" in text
     assert "75.00 ± 2.00" in text and "75 %" in text
     assert "goal >= 60 %: met" in text
