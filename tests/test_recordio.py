@@ -181,7 +181,7 @@ def _read_everything(folder: Path, use_idx: bool) -> None:
         reader.close()
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=200), idx=st.one_of(st.none(), st.binary(max_size=60)))
 def test_fuzz_random_bytes_only_raise_data_error(data, idx):
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +193,7 @@ def test_fuzz_random_bytes_only_raise_data_error(data, idx):
             _read_everything(folder, use_idx=idx is not None)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_fuzz_mutated_multipart_file_only_raises_data_error(data):
     original = bytearray((FIXTURES / "multipart" / "train.rec").read_bytes())
