@@ -80,3 +80,21 @@ def test_srd_without_classifier_exits_2_with_the_fix(world, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "facekd teacher centres" in err[0]
+
+
+def test_cache_of_another_teacher_is_refused(world, capsys):
+    from facekd.models import create_model
+    from facekd.models.checkpoint import save_checkpoint
+    from facekd.train.cache import build_teacher_cache
+
+    cache = world / "cache"
+    build_teacher_cache(str(world / "teacher.pt"), str(world / "data"), cache,
+                        batch_size=8, dtype="float32", progress=False)  # no-op when built
+    other = world / "other.pt"
+    save_checkpoint(other, create_model("mbf_tiny", num_features=32), "mbf_tiny",
+                    {"num_features": 32})
+    code = main(["distill", str(world / "recipe.yaml"), f"run.output={world / 'mixed'}",
+                 f"data.train={world / 'data'}", f"teacher.checkpoint={other}",
+                 f"teacher.cache={cache}"])
+    assert code == 2
+    assert "built from another teacher" in capsys.readouterr().err

@@ -166,6 +166,12 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
     if meta_path.exists():
         meta = _load_json(meta_path)
         if meta.get("complete"):
+            same = (meta.get("source") == str(source) and meta.get("dtype") == dtype
+                    and meta.get("teacher") == str(teacher_spec))
+            if not same:
+                raise ConfigError(f"{out} already holds a complete cache of teacher "
+                                  f"{meta.get('teacher')!r} on {meta.get('source')!r} "
+                                  f"({meta.get('dtype')}); choose another OUT")
             log.info("teacher cache %s is already complete", out)
             return out
     chunks_dir = out / "chunks"

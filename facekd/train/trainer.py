@@ -311,6 +311,7 @@ class Trainer:
                                   "(it stores embeddings only); unset teacher.cache")
             self.cache = open_cache(r.teacher.cache)
             self.teacher_dim = self.cache.dim
+            self._check_cache_teacher(self.cache)
             if self.unlabelled_loader is not None:
                 if not r.teacher.unlabelled_cache:
                     raise ConfigError("teacher.cache is set and data.unlabelled is used: give "
@@ -339,6 +340,19 @@ class Trainer:
             raise ConfigError(f"method '{r.method.name}' needs a teacher: set "
                               "teacher.checkpoint (or teacher.cache from 'facekd teacher cache')")
         self.teacher_centres = centres.to(self.device) if centres is not None else None
+
+    def _check_cache_teacher(self, cache: Any) -> None:
+        """A cache built from another teacher file than teacher.checkpoint is refused."""
+        spec = self.recipe.teacher.checkpoint
+        cached_sha = cache.meta.get("teacher_sha256")
+        if not spec or not cached_sha or not Path(spec).is_file():
+            return
+        from facekd.fileio import sha256_file
+
+        if sha256_file(spec) != cached_sha:
+            raise ConfigError(f"teacher.cache {cache.folder} was built from another teacher "
+                              f"than teacher.checkpoint {spec} (sha256 differs); rebuild it "
+                              "with 'facekd teacher cache' or unset one of the two")
 
     def _build_student(self) -> None:
         from facekd.models import create_model
