@@ -469,8 +469,10 @@ def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int
         "teacher": _model_desc(TEACHER_ARCH, 256),
         "student": _model_desc(STUDENT_ARCH, 128),
         "resolution": [size.resolution, size.resolution],
-        "teacher_steps": (teacher_summary or {}).get("total_steps"),
-        "student_steps": _first_steps(layout, methods, seeds),
+        "teacher_steps": (teacher_summary or {}).get("total_steps") or size.teacher_epochs * (
+            size.identities * size.images_per_id // size.batch_size),
+        "student_steps": _first_steps(layout, methods, seeds) or size.student_epochs * (
+            size.identities * size.images_per_id // size.batch_size),
         "batch_size": size.batch_size,
     }
     return {
