@@ -14,9 +14,9 @@ not re-evaluated, and unfinished trainings resume from their checkpoints. The re
 table is rewritten after every finished run, so a partial run still reports (and names
 the runs that are missing).
 
-Run: ``.venv/bin/python -m bench.methods`` (about 2 h on 2 idle CPU cores; ``--jobs 2``
-runs two trainings side by side on one thread each). ``--quick`` is the smoke test.
-Writes ``bench/results/methods.json`` and ``methods.md``.
+Run: ``.venv/bin/python -m bench.methods`` (estimated ~11k core-seconds, about 95 min on
+2 idle CPU cores; ``--jobs 2`` runs two trainings side by side on one thread each).
+``--quick`` is the smoke test. Writes ``bench/results/methods.json`` and ``methods.md``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class BenchSize:
     teacher_epochs: int
     student_epochs: int
     max_steps: int | None = None
-    resolution: int = 112
+    resolution: int = 112     # stated, not a knob: the loader and the backbones use 112x112
 
 
 SIZES: dict[str, BenchSize] = {
