@@ -63,8 +63,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
 
 def test_run_folder_contents_and_backbone_only_student(tmp_path):
     out = train(tiny_recipe(tmp_path / "run", "none", ("run.max_steps=2",
-                                                       "run.tensorboard=true",
-                                                       "student.arch=mbf_tiny")),
+                                                       "run.tensorboard=true")),
                 loader_factory=memory_loader_factory())
     for name in ("recipe.yaml", "train.log", "metrics.csv", "student.pt", "full.pt",
                  "summary.json"):
@@ -73,7 +72,7 @@ def test_run_folder_contents_and_backbone_only_student(tmp_path):
     from facekd.train.recipe import load_recipe
 
     resolved = load_recipe(str(out / "recipe.yaml"))
-    assert resolved.student.arch == "mbf_tiny" and resolved.run.max_steps == 2
+    assert resolved.student.arch == "train_test_nobn" and resolved.run.max_steps == 2
     student = torch.load(out / "student.pt", weights_only=True)
     assert student["head"] is None and student["arch_kwargs"] == {"num_features": 32}
     full = torch.load(out / "full.pt", weights_only=True)
@@ -159,6 +158,14 @@ def test_resume_with_another_student_is_refused(tmp_path):
     train(tiny_recipe(tmp_path / "run", "none", ("run.max_steps=1",)), loader_factory=factory)
     with pytest.raises(CheckpointError, match=r"was trained with student\.arch 'train_test_nobn'"):
         train(tiny_recipe(tmp_path / "run", "none", ("student.arch=r_tiny",)),
+              loader_factory=factory)
+
+
+def test_fresh_start_over_old_checkpoints_is_refused(tmp_path):
+    factory = memory_loader_factory()
+    train(tiny_recipe(tmp_path / "run", "none", ("run.max_steps=1",)), loader_factory=factory)
+    with pytest.raises(ConfigError, match=r"already has checkpoints.*run\.resume"):
+        train(tiny_recipe(tmp_path / "run", "none", ("run.resume=false",)),
               loader_factory=factory)
 
 

@@ -519,9 +519,13 @@ class Trainer:
 
     def try_resume(self) -> tuple[int, int, bool]:
         """Load the latest checkpoint of the run folder: (step, epoch, mid_epoch)."""
-        if not self.recipe.run.resume:
-            return 0, 0, False
         path = ckpt.latest_checkpoint(self.out)
+        if not self.recipe.run.resume:
+            if path is not None:
+                raise ConfigError(f"run.output {self.out} already has checkpoints (latest "
+                                  f"{path.name}) and run.resume is false; choose a new "
+                                  "run.output or set run.resume: true")
+            return 0, 0, False
         if path is None:
             return 0, 0, False
         state = ckpt.load_state(path, map_location=self.device)
