@@ -60,7 +60,7 @@ def test_build_resumes_after_a_kill_and_matches_one_pass(tmp_path):
         build_teacher_cache("", "memory", tmp_path / "resumed",
                             loader_factory=_killing_factory(5), **common)
     assert not (tmp_path / "resumed" / "meta.json").exists()
-    assert len(list((tmp_path / "resumed" / "chunks").glob("chunk-*.npz"))) == 2
+    assert len(list((tmp_path / "resumed" / "chunks").glob("chunk-r0-*.npz"))) == 2
     build_teacher_cache("", "memory", tmp_path / "resumed",
                         loader_factory=memory_loader_factory(), **common)
     build_teacher_cache("", "memory", tmp_path / "once",
@@ -122,3 +122,17 @@ def test_training_with_the_cache_equals_the_live_teacher(tmp_path):
     sa = json.loads((live / "summary.json").read_text())["last_losses"]
     sb = json.loads((cached / "summary.json").read_text())["last_losses"]
     assert sa["srd"] == pytest.approx(sb["srd"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_build_equals_one_process(tmp_path):
+    from train_support import cache_worker, run_processes
+
+    run_processes(cache_worker, 2, str(tmp_path / "two"))
+    build_teacher_cache("", "memory", tmp_path / "one", batch_size=4, dtype="float32",
+                        teacher=StandInTeacher(), progress=False,
+                        loader_factory=memory_loader_factory())
+    two, one = open_cache(tmp_path / "two"), open_cache(tmp_path / "one")
+    assert np.array_equal(two.keys, one.keys) and len(two) == 32
+    np.testing.assert_allclose(two.emb, one.emb, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["world_size"] == 2

@@ -183,12 +183,32 @@ def ddp_worker(rank: int, world_size: int, port: int, out: str, method: str,
 def run_ddp(world_size: int, out: str, method: str, overrides: tuple[str, ...] = (),
             teacher_dim: int | None = None, timeout: float = 240.0) -> None:
     """Run ``world_size`` spawned trainer processes on gloo; raise if any fails."""
+    run_processes(ddp_worker, world_size, out, method, overrides, teacher_dim,
+                  timeout=timeout)
+
+
+def cache_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """One torchrun-like process of a distributed teacher-cache build."""
+    import os
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from facekd.train.cache import build_teacher_cache
+
+    build_teacher_cache("", "memory", out, batch_size=4, dtype="float32", device="cpu",
+                        teacher=StandInTeacher(), progress=False,
+                        loader_factory=memory_loader_factory())
+
+
+def run_processes(target: Any, world_size: int, *args: Any, timeout: float = 240.0) -> None:
+    """Run ``target(rank, world_size, port, *args)`` in spawned processes; raise on failure."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=ddp_worker, args=(rank, world_size, port, out, method,
-                                                  overrides, teacher_dim))
+    procs = [ctx.Process(target=target, args=(rank, world_size, port, *args))
              for rank in range(world_size)]
     for p in procs:
         p.start()
@@ -199,4 +219,4 @@ def run_ddp(world_size: int, out: str, method: str, overrides: tuple[str, ...] =
         if p.is_alive():
             p.kill()
     if any(code != 0 for code in codes):
-        raise RuntimeError(f"DDP workers exited with {codes}")
+        raise RuntimeError(f"workers exited with {codes}")

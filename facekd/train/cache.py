@@ -174,26 +174,37 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                                   f"({meta.get('dtype')}); choose another OUT")
             log.info("teacher cache %s is already complete", out)
             return out
+    import torch.distributed as dist
+
+    from facekd.train.ddp import barrier, init_distributed, shutdown
+
+    already = dist.is_available() and dist.is_initialized()
+    info, dist_device = init_distributed(device or "auto")
+    owns_group = info.enabled and not already
+    rank = info.rank
     chunks_dir = out / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    handler = add_file_log(out / "cache.log")
+    handler = add_file_log(out / "cache.log") if info.is_main else None
     try:
         if teacher is None:
             from facekd.models.teacher import load_teacher
 
-            teacher = load_teacher(teacher_spec, arch=arch, classifier=classifier, device=device)
+            teacher = load_teacher(teacher_spec, arch=arch, classifier=classifier,
+                                   device=dist_device if info.enabled else device)
         teacher_sha = _teacher_sha(teacher_spec) if teacher_spec else None
         settings = {"teacher": str(teacher_spec), "teacher_sha256": teacher_sha,
                     "source": str(source), "dtype": dtype, "batch_size": batch_size,
-                    "chunk_batches": chunk_batches}
-        progress_path = chunks_dir / "progress.json"
+                    "chunk_batches": chunk_batches, "world_size": info.world_size}
+        progress_path = chunks_dir / f"progress-r{rank}.json"
         state: dict[str, Any] = {"settings": settings, "chunks": 0, "loader": None}
         if progress_path.exists():
             state = _load_json(progress_path)
             if state.get("settings") != settings:
                 raise ConfigError(f"{out}: an unfinished cache with different settings is "
                                   f"there ({state.get('settings')}); remove it or use another OUT")
-        loader = build_train_loader(source, batch_size, seed=0, epoch=0, flip=False,
+        # torchrun: every rank caches its own disjoint share; rank 0 merges at the end.
+        loader = build_train_loader(source, batch_size, seed=0, epoch=0, rank=rank,
+                                    world_size=info.world_size, flip=False,
                                     drop_last=False, labelled=True, num_workers=num_workers)
         total_batches = len(loader)
         if state["loader"] is not None:
@@ -202,7 +213,8 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
         np_dtype = np.float16 if dtype == "float16" else np.float32
         bar = tqdm(total=total_batches, initial=min(total_batches,
                                                     state["chunks"] * chunk_batches),
-                   desc="teacher cache", unit="batch", disable=not progress)
+                   desc="teacher cache", unit="batch",
+                   disable=not (progress and info.is_main))
         keys_buf: list[np.ndarray] = []
         emb_buf: list[np.ndarray] = []
 
@@ -210,10 +222,10 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
             if not keys_buf:
                 return
             index = state["chunks"]
-            np.savez(chunks_dir / f".tmp-chunk-{index:06d}.npz",
-                     keys=np.concatenate(keys_buf), emb=np.concatenate(emb_buf))
-            (chunks_dir / f".tmp-chunk-{index:06d}.npz").replace(
-                chunks_dir / f"chunk-{index:06d}.npz")
+            name = f"chunk-r{rank}-{index:06d}.npz"
+            np.savez(chunks_dir / f".tmp-{name}", keys=np.concatenate(keys_buf),
+                     emb=np.concatenate(emb_buf))
+            (chunks_dir / f".tmp-{name}").replace(chunks_dir / name)
             keys_buf.clear()
             emb_buf.clear()
             state["chunks"] = index + 1
@@ -236,21 +248,28 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                     flush()
             flush()
         bar.close()
-        centres = getattr(teacher, "centres", None)
-        _finalise(out, chunks_dir, state["chunks"], np_dtype, settings,
-                  centres, float(getattr(teacher, "scale", 64.0) or 64.0))
+        barrier(info)
+        if info.is_main:
+            centres = getattr(teacher, "centres", None)
+            _finalise(out, chunks_dir, np_dtype, settings, centres,
+                      float(getattr(teacher, "scale", 64.0) or 64.0))
+        barrier(info)
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if owns_group:
+            shutdown(info)
     return out
 
 
-def _finalise(out: Path, chunks_dir: Path, n_chunks: int, np_dtype: type,
-              settings: dict[str, Any], centres: Any, scale: float) -> None:
-    """Merge chunks into sorted keys.npy / emb.npy, write centres and meta (complete)."""
+def _finalise(out: Path, chunks_dir: Path, np_dtype: type, settings: dict[str, Any],
+              centres: Any, scale: float) -> None:
+    """Merge every rank's chunks into sorted keys.npy / emb.npy, write centres and meta."""
+    chunk_files = sorted(chunks_dir.glob("chunk-r*-*.npz"))
     key_parts, counts, dim = [], [], None
-    for i in range(n_chunks):
-        with np.load(chunks_dir / f"chunk-{i:06d}.npz") as z:
+    for chunk in chunk_files:
+        with np.load(chunk) as z:
             key_parts.append(z["keys"])
             counts.append(len(z["keys"]))
             dim = int(z["emb"].shape[2])
@@ -269,8 +288,8 @@ def _finalise(out: Path, chunks_dir: Path, n_chunks: int, np_dtype: type,
         emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype,
                                         shape=(len(keys), 2, dim))
         start = 0
-        for i, count in enumerate(counts):
-            with np.load(chunks_dir / f"chunk-{i:06d}.npz") as z:
+        for chunk, count in zip(chunk_files, counts, strict=True):
+            with np.load(chunk) as z:
                 emb[dest_row[start:start + count]] = z["emb"]
             start += count
         emb.flush()

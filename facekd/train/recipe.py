@@ -21,6 +21,8 @@ class DataConfig:
     unlabelled_batch_size: int = 0        # 0: same as batch_size
     num_workers: int = 2
     flip: bool = True
+    images_per_identity: int = 1          # K > 1: batches of batch_size/K identities x K
+                                          # images (REFILLED stage 1, relation losses)
 
 
 @dataclass
@@ -104,6 +106,11 @@ class Recipe:
     def validate(self, path: str = "") -> None:
         if self.data.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {self.data.batch_size}")
+        if self.data.images_per_identity < 1 or \
+                self.data.batch_size % self.data.images_per_identity:
+            raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
+                              f"data.images_per_identity ({self.data.images_per_identity}, "
+                              f">= 1)")
         if not 0.0 < self.student.head.sample_rate <= 1.0:
             raise ConfigError("student.head.sample_rate must be in (0, 1], "
                               f"got {self.student.head.sample_rate}")

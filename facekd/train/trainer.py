@@ -272,8 +272,12 @@ class Trainer:
         common = dict(seed=r.run.seed, epoch=0, rank=self.dist.rank,
                       world_size=self.dist.world_size, num_workers=r.data.num_workers,
                       flip=r.data.flip, drop_last=True)
+        # P x K identity-grouped batches for relation losses; passed only when asked for,
+        # so loader stand-ins without the option keep working
+        grouped = ({"images_per_identity": r.data.images_per_identity}
+                   if r.data.images_per_identity != 1 else {})
         self.loader = build_train_loader(r.data.train, r.data.batch_size, labelled=True,
-                                         **common)
+                                         **common, **grouped)
         self.num_classes = int(self.loader.num_classes)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch <= 0:
