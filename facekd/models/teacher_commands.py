@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Store the teacher embedding of every training image and of its mirror "
                     "image (flip is the only augmentation, so this is exact) in OUT, "
                     "memory-mapped and keyed by sample key, plus the teacher class centres; "
-                    "recipes then set teacher.cache: OUT. Resumable: rerun after a kill.")
+                    "recipes then set teacher.cache: OUT. Resumable: rerun after a kill. "
+                    "Several GPUs: torchrun --nproc-per-node N -m facekd teacher cache ...")
     kp.add_argument("teacher", help="arcface_torch backbone, facekd checkpoint or .onnx")
     kp.add_argument("shards", help="shards folder or RecordIO dataset folder (the training data)")
     kp.add_argument("out", help="output cache folder")
