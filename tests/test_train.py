@@ -89,8 +89,23 @@ def test_run_folder_contents_and_backbone_only_student(tmp_path):
     assert all(math.isfinite(float(r["loss/ce"])) for r in rows)
 
 
-def test_live_teacher_stays_frozen_and_bitwise_unchanged(tmp_path):
-    teacher = StandInTeacher()
+def _real_teacher():
+    """facekd's Teacher around an mbf_tiny with BatchNorm (buffers must not move either)."""
+    import torch.nn.functional as F
+
+    from facekd.models import create_model
+    from facekd.models.teacher import Teacher
+
+    torch.manual_seed(3)
+    centres = F.normalize(torch.randn(4, 32), dim=1)
+    return Teacher(create_model("mbf_tiny", num_features=32), centres=centres, scale=32.0,
+                   device="cpu")
+
+
+@pytest.mark.parametrize("make_teacher", [StandInTeacher, _real_teacher],
+                         ids=["stand-in", "facekd-Teacher"])
+def test_live_teacher_stays_frozen_and_bitwise_unchanged(tmp_path, make_teacher):
+    teacher = make_teacher()
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     trainer = Trainer(tiny_recipe(tmp_path / "run", "srd", ("run.max_steps=2",)),
                       loader_factory=memory_loader_factory(), teacher=teacher)
