@@ -325,8 +325,8 @@ def _markdown(r: dict) -> str:
         f"(wall {r['ratio_facekd_over_reference']}, CPU {r['goals']['ratio_cpu_value']}); "
         f"< 30 s wall {_yes(r['goals']['under_30s_wall'])} ({f['total_s']} s on the shared "
         f"machine); < 30 s CPU {_yes(r['goals']['under_30s_cpu'])} "
-        f"({r['cpu_seconds']['facekd']} CPU s: the wall time includes waiting for the 2 "
-        "cores other jobs were using).",
+        f"({r['cpu_seconds']['facekd']} CPU s summed over threads; wall time on this "
+        "machine depends on what other jobs run on its 2 cores).",
         "",
     ]
     return "\n".join(lines)
