@@ -25,5 +25,5 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check facekd tests bench data_prep eval recipes
 
-bench: $(STAMP)
-	$(BIN)/python -m bench
+bench: $(STAMP)  # list them; run one with: make bench B=p1_recordio_read
+	$(BIN)/python -m bench $(B)
