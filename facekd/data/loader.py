@@ -13,6 +13,19 @@ With ``drop_last=False`` every sample appears exactly once per epoch over all ra
 last batch may be short and ranks may differ by one batch); with ``drop_last=True`` every
 rank has the same number of full batches (what DDP needs) and the few leftovers change
 from epoch to epoch.
+
+Identity-grouped (P x K) batches, ``images_per_identity=K > 1``: relation losses
+(REFILLED stage 1, RKD-like terms) need several images of one identity per batch, which
+plain random batches over many identities almost never hold. Each epoch every identity's
+images are shuffled and cut into chunks of K; an identity whose image count is not a
+multiple of K has its last chunk completed by repeating its own first images of that
+epoch's order (so an identity with fewer than K images repeats images inside its chunk,
+and every image is still seen at least once per epoch: nothing is dropped). The chunks
+are shuffled and dealt exactly like samples above (``chunks[rank::world]``, then
+``batch_size / K`` chunks per batch, batch ``j`` to worker ``j % workers``), so every
+chunk appears exactly once per epoch over all ranks (``drop_last=False``). Flips are drawn
+per batch slot, not per image, so a repeated image may come once plain, once mirrored.
+K = 1 keeps the plain per-sample plan above, bit for bit.
 """
 
 from __future__ import annotations
@@ -111,6 +124,52 @@ def batches_per_rank(num_samples: int, batch_size: int, rank: int, world_size: i
     return -(-mine // batch_size)
 
 
+def check_identity_labels(labels: np.ndarray, images_per_identity: int, where: str) -> None:
+    """Grouped batches need a real identity on every sample."""
+    if images_per_identity > 1 and len(labels) and int(labels.min()) < 0:
+        bad = int(np.flatnonzero(labels < 0)[0])
+        raise DataError(f"{where}: sample {bad} has no identity label ({int(labels[bad])}); "
+                        f"images_per_identity > 1 needs a labelled source")
+
+
+def num_identity_chunks(labels: np.ndarray, images_per_identity: int) -> int:
+    """Chunks per epoch: sum over identities of ceil(images / K)."""
+    counts = np.unique(labels, return_counts=True)[1]
+    return int(((counts + images_per_identity - 1) // images_per_identity).sum())
+
+
+def identity_chunks(labels: np.ndarray, images_per_identity: int, seed: int, epoch: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch's shuffled chunks (M x K sample indices, one identity each) and their flips.
+
+    Vectorised (one sort of n keys) because every DataLoader worker recomputes it on
+    MS1MV3-size sources. Flips are per slot (M x K bool), drawn after the chunk shuffle.
+    """
+    k = int(images_per_identity)
+    labels = np.asarray(labels, np.int64)
+    n = len(labels)
+    if n == 0:
+        return np.empty((0, k), np.int64), np.empty((0, k), bool)
+    # identity-major order with a fresh random order inside every identity
+    jitter = _rng(seed, epoch, 2).integers(0, 1 << 32, n, dtype=np.int64)
+    order = np.argsort((labels - labels.min()) << 32 | jitter, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    per_identity = (counts + k - 1) // k
+    identity = np.repeat(np.arange(len(starts)), per_identity)
+    first_chunk = np.repeat(np.cumsum(per_identity) - per_identity, per_identity)
+    slot = (np.arange(len(identity)) - first_chunk)[:, None] * k + np.arange(k)[None, :]
+    count = counts[identity][:, None]
+    # slots past the identity's last image wrap round to its first images of this epoch
+    slot = np.where(slot < count, slot, (slot - count) % count)
+    chunks = order[starts[identity][:, None] + slot]
+    rng = _rng(seed, epoch, 3)
+    chunks = chunks[rng.permutation(len(chunks))]
+    flips = rng.random(chunks.shape) < 0.5
+    return chunks, flips
+
+
 # --------------------------------------------------------------------------------------
 # Decoding
 
@@ -146,8 +205,10 @@ class _BatchStream:
 
     def __init__(self, source: Any, batch_size: int, seed: int, epoch: int, rank: int,
                  world_size: int, flip: bool, drop_last: bool, labelled: bool,
-                 start_batch: int, pool: BufferPool | None = None) -> None:
+                 start_batch: int, pool: BufferPool | None = None,
+                 images_per_identity: int = 1) -> None:
         self.source = source
+        self.images_per_identity = images_per_identity
         self.pool = pool  # only in-process: worker batches travel through shared memory
         self.batch_size = batch_size
         self.seed, self.epoch = seed, epoch
@@ -155,21 +216,39 @@ class _BatchStream:
         self.flip, self.drop_last, self.labelled = flip, drop_last, labelled
         self.start_batch = start_batch
 
+    def plan(self, worker: int, num_workers: int
+             ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(batch index, sample rows, flips)`` of this rank's batches for ``worker``."""
+        n = len(self.source)
+        if self.images_per_identity == 1:
+            mine = rank_indices(n, self.seed, self.epoch, self.rank, self.world_size)
+            flips = epoch_flips(n, self.seed, self.epoch) if self.flip else np.zeros(n, bool)
+            total = batches_per_rank(n, self.batch_size, self.rank, self.world_size,
+                                     self.drop_last)
+            for j in range(self.start_batch + worker, total, num_workers):
+                rows = mine[j * self.batch_size:(j + 1) * self.batch_size]
+                yield j, rows, flips[rows]
+            return
+        chunks, chunk_flips = identity_chunks(self.source.labels, self.images_per_identity,
+                                              self.seed, self.epoch)
+        per_batch = self.batch_size // self.images_per_identity
+        total = batches_per_rank(len(chunks), per_batch, self.rank, self.world_size,
+                                 self.drop_last)
+        chunks, chunk_flips = (chunks[self.rank::self.world_size],
+                               chunk_flips[self.rank::self.world_size])
+        for j in range(self.start_batch + worker, total, num_workers):
+            rows = chunks[j * per_batch:(j + 1) * per_batch].reshape(-1)
+            flips = chunk_flips[j * per_batch:(j + 1) * per_batch].reshape(-1)
+            yield j, rows, flips if self.flip else np.zeros(len(rows), bool)
+
     def batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
         import torch
 
-        n = len(self.source)
-        mine = rank_indices(n, self.seed, self.epoch, self.rank, self.world_size)
-        flips = epoch_flips(n, self.seed, self.epoch) if self.flip else np.zeros(n, bool)
-        total = batches_per_rank(n, self.batch_size, self.rank, self.world_size,
-                                 self.drop_last)
         keys, labels = self.source.keys, self.source.labels
         scratch = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        for j in range(self.start_batch + worker, total, num_workers):
-            rows = mine[j * self.batch_size:(j + 1) * self.batch_size]
+        for j, rows, batch_flips in self.plan(worker, num_workers):
             shape = (len(rows), 3, IMAGE_SIZE, IMAGE_SIZE)
             images = self.pool.empty(shape, np.uint8) if self.pool else np.empty(shape, np.uint8)
-            batch_flips = flips[rows]
             for i, (row, flipped) in enumerate(zip(rows.tolist(), batch_flips.tolist(),
                                                    strict=True)):
                 payload = self.source.read(row)
@@ -257,12 +336,22 @@ class TrainLoader:
 
     def __init__(self, source: str | os.PathLike | Any, batch_size: int, *, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 flip: bool = True, drop_last: bool = True, labelled: bool = True) -> None:
+                 flip: bool = True, drop_last: bool = True, labelled: bool = True,
+                 images_per_identity: int = 1) -> None:
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
+        if images_per_identity < 1 or batch_size % images_per_identity:
+            raise DataError(f"batch_size {batch_size} must be a multiple of "
+                            f"images_per_identity {images_per_identity} (>= 1)")
         self.source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
+        self.images_per_identity = int(images_per_identity)
+        self._num_units = len(self.source)  # samples, or identity chunks when K > 1
+        if self.images_per_identity > 1:
+            labels = np.asarray(self.source.labels)
+            check_identity_labels(labels, self.images_per_identity, str(self.source.name))
+            self._num_units = num_identity_chunks(labels, self.images_per_identity)
         self.batch_size = batch_size
         self.seed, self.epoch = seed, epoch
         self.rank, self.world_size = rank, world_size
@@ -278,8 +367,8 @@ class TrainLoader:
         return len(self.source)
 
     def __len__(self) -> int:
-        return batches_per_rank(len(self.source), self.batch_size, self.rank, self.world_size,
-                                self.drop_last)
+        return batches_per_rank(self._num_units, self.batch_size // self.images_per_identity,
+                                self.rank, self.world_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -289,13 +378,16 @@ class TrainLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "batches_done": self._batches_done,
                 "num_samples": len(self.source), "batch_size": self.batch_size,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size,
+                "images_per_identity": self.images_per_identity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("num_samples", "batch_size", "world_size"):
+        for name in ("num_samples", "batch_size", "world_size", "images_per_identity"):
             mine = len(self.source) if name == "num_samples" else getattr(self, name)
-            if int(state.get(name, mine)) != mine:
-                raise DataError(f"loader state: {name} was {state[name]}, now {mine}; the "
+            # states saved before grouped batches existed were plain (K = 1)
+            saved = int(state.get(name, 1 if name == "images_per_identity" else mine))
+            if saved != mine:
+                raise DataError(f"loader state: {name} was {saved}, now {mine}; the "
                                 f"data or batch layout changed, cannot resume mid-epoch")
         self.seed = int(state.get("seed", self.seed))
         self.epoch = int(state["epoch"])
@@ -312,7 +404,8 @@ class TrainLoader:
         self._batches_done = start
         stream = _BatchStream(self.source, self.batch_size, self.seed, self.epoch, self.rank,
                               self.world_size, self.flip, self.drop_last, self.labelled, start,
-                              pool=self._pool if self.num_workers <= 0 else None)
+                              pool=self._pool if self.num_workers <= 0 else None,
+                              images_per_identity=self.images_per_identity)
         if self.num_workers > 0:
             from torch.utils.data import DataLoader
 
@@ -333,12 +426,15 @@ class TrainLoader:
 def build_train_loader(source: str | os.PathLike | Any, batch_size: int, *, seed: int = 0,
                        epoch: int = 0, rank: int = 0, world_size: int = 1,
                        num_workers: int = 0, flip: bool = True, drop_last: bool = True,
-                       labelled: bool = True) -> TrainLoader:
+                       labelled: bool = True, images_per_identity: int = 1) -> TrainLoader:
     """The training loader over a shards folder or ``.rec`` dataset (see module docstring).
 
     ``labelled=False`` gives label -1 on every row: a second, unlabelled source for
     semi-supervised distillation is simply a second loader built this way.
+    ``images_per_identity=K > 1`` gives P x K batches (``batch_size / K`` identities with K
+    images each, consecutive rows); ``batch_size`` must be a multiple of K.
     """
     return TrainLoader(source, batch_size, seed=seed, epoch=epoch, rank=rank,
                        world_size=world_size, num_workers=num_workers, flip=flip,
-                       drop_last=drop_last, labelled=labelled)
+                       drop_last=drop_last, labelled=labelled,
+                       images_per_identity=images_per_identity)
