@@ -22,6 +22,7 @@ Run: ``.venv/bin/python -m bench.methods`` (estimated ~11k core-seconds, about 9
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -391,6 +392,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+@functools.cache
 def _model_desc(arch: str, dim: int) -> dict[str, Any]:
     """Params, MACs and the (C, H, W) of each stage's feature map: the widths in the caption."""
     from facekd.models import create_model, model_info
@@ -466,8 +468,8 @@ def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int
         "train_identities": size.identities,
         "unlabelled_images": size.unlabelled_identities * size.unlabelled_images_per_id,
         "held_out": {k: synth.get(k) for k in ("lfw", "cfp_fp", "agedb_30", "ijb")},
-        "teacher": _model_desc(TEACHER_ARCH, 256),
-        "student": _model_desc(STUDENT_ARCH, 128),
+        "teacher": dict(_model_desc(TEACHER_ARCH, 256)),
+        "student": dict(_model_desc(STUDENT_ARCH, 128)),
         "resolution": [size.resolution, size.resolution],
         "teacher_steps": (teacher_summary or {}).get("total_steps") or size.teacher_epochs * (
             size.identities * size.images_per_id // size.batch_size),
