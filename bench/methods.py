@@ -409,7 +409,7 @@ def _model_desc(arch: str, dim: int) -> dict[str, Any]:
 
 
 def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int],
-            data: dict[str, Any], wall_seconds: float, command: str,
+            data: dict[str, Any], wall_seconds: float | None, command: str,
             failed: dict[str, str], trained_now: list[str]) -> dict[str, Any]:
     """Everything known so far in the ``methods.json`` schema (missing runs named)."""
     teacher_eval = _read_json(layout.teacher / "bench_eval.json")
@@ -591,8 +591,9 @@ def markdown(result: dict[str, Any]) -> str:
              "| gap closed (acc) | CFP-FP-like acc (%) | AgeDB-like acc (%) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     teacher = result["teacher"]
+    full = "100 %" if teacher["seeds"] else "–"
     lines.append(f"| teacher ({t['arch']}) | {teacher['seeds'] or 'missing'} | "
-                 f"{_fmt(teacher[PRIMARY])} | 100 % | {_fmt(teacher[ACC])} | 100 % | "
+                 f"{_fmt(teacher[PRIMARY])} | {full} | {_fmt(teacher[ACC])} | {full} | "
                  f"{_fmt(teacher['cfp_fp_acc'])} | {_fmt(teacher['agedb_30_acc'])} |")
     for method, row in result["methods"].items():
         seeds = row["seeds"] or "missing"
@@ -609,7 +610,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("**Failed runs:** " + "; ".join(
             f"{k}: {v.splitlines()[0]}" for k, v in result["failed_runs"].items()))
     cpu = result.get("cpu_seconds", {}).get("total", 0.0)
-    lines += ["", f"Wall time so far: {result['wall_time_s'] / 60:.1f} min "
+    wall = result["wall_time_s"]
+    lines += ["", ("Wall time so far: unknown (written by --report-only while the run "
+                   "continues)" if wall is None else f"Wall time so far: {wall / 60:.1f} min")
+              + " "
               f"(load average at write: {result['machine']['load_average_1min']}, "
               f"{result['machine']['cpus']} CPUs); CPU time of training, evaluation and "
               f"cache: {cpu / 60:.1f} core-min (data generation not counted). Per-run "
@@ -686,6 +690,18 @@ def write_results(result: dict[str, Any], results_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
+def report_only(work: Path, results_dir: Path, size: BenchSize, methods: list[str],
+                seeds: list[int], command: str) -> dict[str, Any]:
+    """Tabulate what a (possibly still running) benchmark has finished; trains nothing."""
+    layout = Layout(work)
+    manifest = _read_json(layout.synth / "synth.json") or {}
+    data = {"synth": manifest.get("parts", {})}
+    result = collect(layout, size, methods, seeds, data, None, command, {}, [])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_results(result, results_dir)
+    return result
+
+
 def run_bench(work: Path, results_dir: Path, size: BenchSize, methods: list[str],
               seeds: list[int], jobs: int, command: str) -> dict[str, Any]:
     """Prepare, train, evaluate and tabulate; resumable at every step."""
@@ -717,6 +733,7 @@ def run_bench(work: Path, results_dir: Path, size: BenchSize, methods: list[str]
         tasks = plan(methods, seeds)
         done = {t.name for t in tasks if task_done(t, layout, methods)}
         todo = [t for t in tasks if t.name not in done]
+        publish()   # a table (naming every missing run) exists from the start
         log.info("%d tasks, %d already done, %d to run with %d job(s)",
                  len(tasks), len(done), len(todo), jobs)
         # The teacher and its cache run first on every core (r_tiny scales ~1.75x on two
@@ -832,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick 0)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the table from finished runs (safe while a run "
+                             "is going on in the same --work)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="trainings side by side (default 2 on >=2 CPUs, 1 with --quick)")
     args = parser.parse_args(argv)
@@ -864,6 +884,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         command += f" --seeds {seeds_text}"
     try:
+        if args.report_only:
+            result = report_only(work, results, size, methods, seeds, command)
+            print(markdown(result))
+            return 0
         result = run_bench(work, results, size, methods, seeds, jobs, command)
     except FacekdError as exc:
         print(f"bench.methods: {exc}", file=sys.stderr)

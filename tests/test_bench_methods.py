@@ -109,6 +109,13 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
     assert second["methods"] == data["methods"] and second["teacher"] == data["teacher"]
     assert second["wall_time_s"] >= data["wall_time_s"]
 
+    # --report-only (safe beside a running benchmark) tabulates the same runs
+    report = subprocess.run([*cmd, "--report-only", "--results", str(tmp_path / "report")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    third = json.loads((tmp_path / "report" / "methods.json").read_text())
+    assert third["methods"] == data["methods"] and third["wall_time_s"] is None
+
 
 def test_markdown_names_missing_runs():
     result = {
