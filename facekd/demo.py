@@ -12,6 +12,7 @@ embedded-benchmark recipes in ``recipes/`` with the sizes below as overrides.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -60,14 +61,17 @@ def recipes_dir() -> Path:
     return here
 
 
-def _step(name: str, done: Callable[[], bool], run: Callable[[], Any]) -> None:
+def _step(name: str, done: Callable[[], bool], run: Callable[[], Any]) -> float:
+    """Run one demo step unless ``done()``; returns its wall time (0 when reused)."""
     if done():
         log.info("demo: %s already done, reusing it", name)
-        return
+        return 0.0
     start = time.perf_counter()
     log.info("demo: %s ...", name)
     run()
-    log.info("demo: %s done in %.1f s", name, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    log.info("demo: %s done in %.1f s", name, elapsed)
+    return elapsed
 
 
 def _train(recipe_name: str, out: Path, data: Path, size: DemoSize, seed: int,
@@ -117,9 +121,7 @@ def _run(out: Path, size: DemoSize, seed: int) -> Path:
     timings: dict[str, float] = {}
 
     def timed(name: str, done: Callable[[], bool], run: Callable[[], Any]) -> None:
-        start = time.perf_counter()
-        _step(name, done, run)
-        timings[name] = round(time.perf_counter() - start, 1)
+        timings[name] = round(_step(name, done, run), 1)
 
     # generate() skips the parts whose sizes are unchanged, so it always runs
     timed("generate synthetic faces", lambda: False,
@@ -143,19 +145,12 @@ def _run(out: Path, size: DemoSize, seed: int) -> Path:
                           f"teacher.cache={cache}"]))
     models = {"teacher": teacher / "student.pt", "student alone": alone / "student.pt",
               "student + SRD": srd / "student.pt"}
-    rows: list[dict[str, Any]] = []
-
-    def evaluate() -> None:
-        rows.extend(run_compare([str(p) for p in models.values()],
-                                [str(synth / f"{b}.bin") for b in BINS], evaluation,
-                                ijb_dir=synth / "ijb", cache_dir=out / "embedding_cache"))
-        write_json_atomic(evaluation / "rows.json", rows)
-
-    timed("evaluate teacher and students", lambda: (evaluation / "rows.json").exists(), evaluate)
-    if not rows:
-        import json
-
-        rows = json.loads((evaluation / "rows.json").read_text())
+    rows_path = evaluation / "rows.json"
+    timed("evaluate teacher and students", rows_path.exists,
+          lambda: write_json_atomic(rows_path, run_compare(
+              [str(p) for p in models.values()], [str(synth / f"{b}.bin") for b in BINS],
+              evaluation, ijb_dir=synth / "ijb", cache_dir=out / "embedding_cache")))
+    rows = json.loads(rows_path.read_text())
     onnx_path = export / "student_srd.onnx"
     timed("export the SRD student to ONNX", lambda: onnx_path.exists(),
           lambda: export_onnx(srd, onnx_path, eval_bin=synth / "lfw.bin"))
@@ -165,8 +160,6 @@ def _run(out: Path, size: DemoSize, seed: int) -> Path:
 
 
 def _cache_complete(cache: Path) -> bool:
-    import json
-
     return bool(json.loads((cache / "meta.json").read_text()).get("complete"))
 
 
