@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from facekd.data import open_rec
-from facekd.data.loader import build_train_loader
+from facekd.data.loader import BufferPool, build_train_loader, normalise_batch
 from facekd.data.recordio import IRHeader, RecordWriter, pack_record
 from facekd.data.shards import rec2shards
 from facekd.errors import DataError
@@ -27,16 +27,20 @@ def shards_dir(tmp_path_factory):
     return out
 
 
-def _reference(payload: bytes, flipped: bool) -> torch.Tensor:
-    """insightface's recipe: cv2 decode, BGR->RGB, mirror, (x/255 - 0.5) / 0.5."""
+def _reference_pixels(payload: bytes, flipped: bool) -> torch.Tensor:
+    """insightface's recipe up to the float step: cv2 decode, BGR->RGB, mirror, CHW."""
     image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
     if image.shape[:2] != (112, 112):
         image = cv2.resize(image, (112, 112), interpolation=cv2.INTER_LINEAR)
     image = image[:, :, ::-1]
     if flipped:
         image = image[:, ::-1]
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    return (x / 255 - 0.5) / 0.5
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def _reference(payload: bytes, flipped: bool) -> torch.Tensor:
+    """insightface's float input: (x/255 - 0.5) / 0.5."""
+    return (_reference_pixels(payload, flipped).float() / 255 - 0.5) / 0.5
 
 
 @pytest.mark.parametrize("layout", ["plain_im2rec", "insightface_layout"])
@@ -45,11 +49,13 @@ def test_pixels_labels_keys_match_reference(layout):
     loader = build_train_loader(FIXTURES / layout, 4, seed=5, drop_last=False)
     seen = 0
     for batch in loader:
-        assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (3, 112, 112)
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 112, 112)
         assert batch["label"].dtype == torch.int64 and batch["key"].dtype == torch.int64
+        floats = normalise_batch(batch["image"], "cpu")
         for i, key in enumerate(batch["key"].tolist()):
-            want = _reference(reader[key][1], bool(batch["flipped"][i]))
-            assert torch.allclose(batch["image"][i], want, atol=1e-6)
+            flipped = bool(batch["flipped"][i])
+            assert torch.equal(batch["image"][i], _reference_pixels(reader[key][1], flipped))
+            assert torch.allclose(floats[i], _reference(reader[key][1], flipped), atol=1e-6)
             assert batch["label"][i] == reader.label_of(key)
         seen += len(batch["key"])
     assert seen == len(reader.image_keys())
@@ -72,7 +78,7 @@ def test_held_batches_are_never_overwritten(shards_dir):
     for batch, view in zip(batches, views, strict=True):
         key, flipped = int(batch["key"][0]), bool(batch["flipped"][0])
         assert torch.equal(view, batch["image"][0])
-        assert torch.allclose(view, _reference(reader[key][1], flipped), atol=1e-6)
+        assert torch.equal(view, _reference_pixels(reader[key][1], flipped))
     del batches
     loader = build_train_loader(shards_dir, 8, seed=2, drop_last=False)
     for batch, view in zip(loader, views, strict=True):
@@ -161,3 +167,40 @@ def test_corrupt_image_names_the_key(tmp_path):
         list(loader)
     with pytest.raises(DataError, match="not found"):
         build_train_loader(tmp_path / "nowhere", 2)
+
+
+def _arithmetic(images: torch.Tensor) -> torch.Tensor:
+    """What a CUDA consumer computes: float32 (x - 127.5) / 127.5 in torch."""
+    return (images.float() - 127.5) / 127.5
+
+
+def test_normalise_batch_is_bit_identical_to_the_device_arithmetic():
+    from facekd.data.loader import _normalise_arithmetic
+
+    every_value = torch.arange(256, dtype=torch.uint8).repeat(2 * 3 * 112 * 112 // 256 + 1)
+    images = every_value[:2 * 3 * 112 * 112].reshape(2, 3, 112, 112)
+    table = normalise_batch(images, "cpu")
+    assert table.dtype == torch.float32 and table.shape == images.shape
+    assert torch.equal(table, _arithmetic(images))  # the cv2.LUT path
+    assert torch.equal(_normalise_arithmetic(images.clone()), table)  # the CUDA path
+    assert table.min() == -1.0 and table.max() == 1.0
+    assert torch.allclose(table, (images.float() / 255 - 0.5) / 0.5, atol=1e-6, rtol=0)
+    empty = normalise_batch(torch.empty(0, 3, 112, 112, dtype=torch.uint8))
+    assert empty.shape == (0, 3, 112, 112) and empty.dtype == torch.float32
+
+
+def test_normalise_batch_of_loader_batches_equals_arithmetic(shards_dir):
+    pool = BufferPool(size=2)
+    held = []
+    for batch in build_train_loader(shards_dir, 8, seed=1, drop_last=False):
+        floats = normalise_batch(batch["image"], torch.device("cpu"), pool)
+        assert torch.equal(floats, _arithmetic(batch["image"]))
+        held.append((floats, _arithmetic(batch["image"])))
+    for floats, want in held:  # pooled outputs still held are never overwritten
+        assert torch.equal(floats, want)
+
+
+def test_normalise_batch_passes_floats_through():
+    floats = torch.rand(2, 3, 4, 4) * 2 - 1
+    assert normalise_batch(floats, "cpu") is floats
+    assert normalise_batch(floats) is floats

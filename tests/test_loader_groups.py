@@ -15,6 +15,7 @@ from facekd.data.loader import (
     build_train_loader,
     epoch_flips,
     identity_chunks,
+    normalise_batch,
     rank_indices,
 )
 from facekd.data.recordio import write_insightface_dataset
@@ -213,7 +214,8 @@ def test_rec_source_and_refilled_relation_is_nonzero(rec_dataset):
     labels = batch["label"]
     assert len(set(labels.tolist())) == 2
     torch.manual_seed(0)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(batch["image"], 4).flatten(1)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(normalise_batch(batch["image"]),
+                                                     4).flatten(1)
     student = pooled @ torch.randn(pooled.shape[1], 16)
     teacher = pooled @ torch.randn(pooled.shape[1], 32)
     method = create_method("refilled", student_dim=16, teacher_dim=32, num_classes=12,

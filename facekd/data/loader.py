@@ -3,9 +3,11 @@
 Every choice that affects *which* image is seen and *how* (the permutation, the per-rank
 and per-worker split, the flip) is a pure function of ``(seed, epoch, sample index)``, so
 a run resumed mid-epoch sees exactly the batches it would have seen, and a teacher cache
-keyed by (key, flipped) stays valid. Images are decoded into one uint8 batch array and
-converted to float only once per batch, in the consuming process (late and vectorised:
-per-image float conversion halves the throughput and quadruples worker-to-main traffic).
+keyed by (key, flipped) stays valid. Images are decoded into one uint8 NCHW RGB batch
+(``batch["image"]``), which is what the loader yields: consumers call
+:func:`normalise_batch` once per batch on their own device (late and vectorised: per-image
+float conversion halves the throughput, and float batches would quadruple worker-to-main
+and host-to-device traffic).
 
 Split rule: the epoch permutation is dealt round-robin to ranks (``perm[rank::world]``),
 then cut into batches; batch ``j`` of a rank goes to DataLoader worker ``j % workers``.
@@ -254,7 +256,7 @@ class _BatchStream:
                 payload = self.source.read(row)
                 decode_into(payload, images[i], flipped, self.source.name, int(keys[row]),
                             scratch)
-            yield {"image_uint8": torch.from_numpy(images),
+            yield {"image": torch.from_numpy(images),
                    "label": torch.from_numpy(labels[rows].astype(np.int64)) if self.labelled
                    else torch.full((len(rows),), -1, dtype=torch.int64),
                    "key": torch.from_numpy(keys[rows].astype(np.int64)),
@@ -280,10 +282,10 @@ def _iterable_dataset(stream: _BatchStream) -> Any:
 class BufferPool:
     """Reuses batch arrays whose tensors every consumer has dropped.
 
-    A fresh 19 MB float batch means the kernel zeroes 19 MB of new pages each step, a
-    cost comparable to the normalisation itself. ``torch.from_numpy`` keeps a reference
-    to its array until the last tensor or view of it dies, so a pooled array whose only
-    reference is the pool's is provably free to overwrite.
+    A fresh batch array means the kernel zeroes new pages each step (19 MB for a float
+    batch of 128), a cost comparable to the normalisation itself. ``torch.from_numpy``
+    keeps a reference to its array until the last tensor or view of it dies, so a pooled
+    array whose only reference is the pool's is provably free to overwrite.
     """
 
     def __init__(self, size: int = 4) -> None:
@@ -308,27 +310,42 @@ _NORMALISE_LUT = ((np.arange(256, dtype=np.float32) - np.float32(127.5))
                   / np.float32(127.5)).reshape(1, 256)
 
 
-def to_float_nchw(images_uint8: Any, pool: BufferPool | None = None) -> Any:
-    """uint8 NCHW -> float32 NCHW in [-1, 1] as ``(x - 127.5) / 127.5``, once per batch.
+def normalise_batch(images: Any, device: Any = None, pool: BufferPool | None = None) -> Any:
+    """A loader batch as float32 NCHW in [-1, 1] on ``device``: ``(x - 127.5) / 127.5``.
 
-    On CPU a 256-entry lookup table (``cv2.LUT``) gives exactly that float in one pass
-    over the batch; elsewhere (a CUDA tensor) the same arithmetic runs in torch.
+    The loader yields uint8 (4x fewer bytes through worker shared memory and host->device),
+    so every consumer calls this once per batch: the batch moves to ``device`` first
+    (non-blocking from pinned memory) and is normalised there. On CPU a 256-entry lookup
+    table (``cv2.LUT``) writes exactly those floats in one pass; on an accelerator the same
+    float32 arithmetic runs in torch, bit-identical (IEEE division, tested against the
+    table). A floating batch (a test stand-in, an already normalised source) is taken as
+    normalised and only moved. ``pool`` recycles CPU float batches (no fresh pages per step).
     """
     import torch
 
-    if images_uint8.device.type != "cpu":
-        return images_uint8.float().sub_(127.5).div_(127.5)
+    device = images.device if device is None else torch.device(device)
+    if images.device != device:
+        pinned = device.type == "cuda" and images.device.type == "cpu" and images.is_pinned()
+        images = images.to(device, non_blocking=pinned)
+    if images.dtype != torch.uint8:
+        return images
+    if device.type != "cpu":
+        return _normalise_arithmetic(images)
     import cv2
 
     # numpy allocates big arrays with MADV_HUGEPAGE: a fresh 19 MB batch then costs a few
     # page faults instead of thousands (torch.empty's fresh pages cost up to ~40 us/image)
-    shape = tuple(images_uint8.shape)
+    shape = tuple(images.shape)
     out = pool.empty(shape, np.float32) if pool is not None else np.empty(shape, np.float32)
     if out.size:
         width = out.shape[-1]
-        cv2.LUT(images_uint8.numpy().reshape(-1, width), _NORMALISE_LUT,
-                dst=out.reshape(-1, width))
+        cv2.LUT(images.numpy().reshape(-1, width), _NORMALISE_LUT, dst=out.reshape(-1, width))
     return torch.from_numpy(out)
+
+
+def _normalise_arithmetic(images: Any) -> Any:
+    """The device path of :func:`normalise_batch` (torch ops; exact same floats as the LUT)."""
+    return images.float().sub_(127.5).div_(127.5)
 
 
 class TrainLoader:
@@ -415,10 +432,7 @@ class TrainLoader:
         else:
             raw = stream.batches()
         for batch in raw:
-            images = batch.pop("image_uint8")
             batch.pop("batch_index")
-            batch["image"] = to_float_nchw(images, self._pool)
-            del images
             self._batches_done += 1
             yield batch
 
@@ -429,6 +443,9 @@ def build_train_loader(source: str | os.PathLike | Any, batch_size: int, *, seed
                        labelled: bool = True, images_per_identity: int = 1) -> TrainLoader:
     """The training loader over a shards folder or ``.rec`` dataset (see module docstring).
 
+    Batches are dicts: ``image`` uint8 N x 3 x 112 x 112 RGB (turn it into the [-1, 1]
+    float input with ``normalise_batch(batch["image"], device)``), ``label`` and ``key``
+    int64, ``flipped`` bool.
     ``labelled=False`` gives label -1 on every row: a second, unlabelled source for
     semi-supervised distillation is simply a second loader built this way.
     ``images_per_identity=K > 1`` gives P x K batches (``batch_size / K`` identities with K

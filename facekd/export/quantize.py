@@ -256,14 +256,13 @@ def _loader_images(path: Path, count: int, seed: int) -> np.ndarray:
                                 drop_last=False, labelled=False)
     got, total = [], 0
     for batch in loader:
-        images = batch["image"]
-        images = images.numpy() if hasattr(images, "numpy") else np.asarray(images)
-        got.append(images * 127.5 + 127.5)
+        images = batch["image"].numpy()  # the loader yields uint8 NCHW RGB, exact pixels
+        got.append(images)
         total += len(images)
         if total >= count:
             break
     if not got:
-        return np.empty((0, 3, 112, 112), np.float32)
+        return np.empty((0, 3, 112, 112), np.uint8)
     return np.concatenate(got)[:count]
 
 

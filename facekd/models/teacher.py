@@ -208,6 +208,13 @@ class Teacher(nn.Module):
         if scale:
             self.scale = float(scale)
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where ``embed`` runs: a loader batch normalised there is not copied again."""
+        if self.model is None:
+            return torch.device("cpu")  # onnxruntime takes host arrays
+        return next(self.model.parameters()).device
+
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 embeddings of an NCHW batch in [-1, 1]; on the input's device."""
@@ -309,9 +316,12 @@ def accumulate_class_sums(teacher: Teacher, batches: Iterable[dict[str, Any]],
                           sums: torch.Tensor, counts: torch.Tensor,
                           on_batch: Callable[[], None] | None = None) -> None:
     """Add, per labelled sample, ``normalise(emb(x) + emb(flip(x)))`` to its class row."""
+    from facekd.data.loader import normalise_batch
+
     num_classes = sums.shape[0]
     for batch in batches:
-        images, labels = batch["image"], batch["label"].long().cpu()
+        images = normalise_batch(batch["image"], getattr(teacher, "input_device", None))
+        labels = batch["label"].long().cpu()
         keep = labels >= 0
         if bool(keep.any()):
             if int(labels.max()) >= num_classes:

@@ -150,6 +150,7 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
     """
     from tqdm import tqdm
 
+    from facekd.data.loader import normalise_batch
     from facekd.logs import add_file_log
 
     if loader_factory is not None:
@@ -234,7 +235,7 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
 
         with torch.inference_mode():
             for batch in loader:
-                images = batch["image"]
+                images = normalise_batch(batch["image"], getattr(teacher, "input_device", None))
                 both = torch.cat([images, images.flip(3)])
                 emb = teacher.embed(both)
                 emb = emb.detach().float().cpu().numpy() if isinstance(emb, torch.Tensor) \

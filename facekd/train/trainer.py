@@ -613,15 +613,16 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any], unlabelled: dict[str, Any] | None
                    ) -> dict[str, float]:
+        from facekd.data.loader import normalise_batch
         from facekd.distill import StudentOutput
 
         dev = self.device
-        images = batch["image"].to(dev, non_blocking=True)
+        images = normalise_batch(batch["image"], dev)
         labels = batch["label"].to(dev, non_blocking=True).long()
         keys, flipped = batch["key"], batch["flipped"]
         n_labelled = images.shape[0]
         if unlabelled is not None:
-            images = torch.cat([images, unlabelled["image"].to(dev, non_blocking=True)])
+            images = torch.cat([images, normalise_batch(unlabelled["image"], dev)])
             labels = torch.cat([labels, torch.full((unlabelled["image"].shape[0],), -1,
                                                    dtype=torch.long, device=dev)])
             keys = torch.cat([torch.as_tensor(keys), torch.as_tensor(unlabelled["key"])])
