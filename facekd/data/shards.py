@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -131,6 +131,49 @@ class RecSamples:
     def key_of(self, index: int) -> int:
         return int(self.keys[index])
 
+    def block(self, start: int, stop: int, skip_bad: bool, bad: list[tuple[int, str]]
+              ) -> SampleBlock:
+        """Samples ``start:stop`` with payloads as zero-copy views into the ``.rec`` mapping.
+
+        Headers are parsed and JPEG signatures checked for the whole block with array
+        operations; only records off that fast path (multipart, PNG, damaged, an end
+        marker not in the last two bytes) take :meth:`get`, which gives the same bytes or
+        raises the same error as before.
+        """
+        keys = self.keys[start:stop]
+        starts, ends, flags, labels, fast = self.reader.image_spans(keys)
+        view = self.reader.view()
+        if len(keys):
+            data = np.frombuffer(view, np.uint8)
+            try:
+                fast &= ends - starts >= 4
+                first = np.where(fast, starts, 0)
+                last = np.where(fast, ends - 2, 0)
+                fast &= ((data[first] == 0xFF) & (data[first + 1] == 0xD8)
+                         & (data[first + 2] == 0xFF) & (data[last] == 0xFF)
+                         & (data[last + 1] == 0xD9))
+            finally:
+                del data  # the mapping cannot close while an array exports it
+        payloads: list[Any] = [view[a:b] for a, b in zip(starts.tolist(), ends.tolist(),
+                                                          strict=True)]
+        exts = np.full(len(keys), b"jpg", "S3")
+        slow = np.flatnonzero(~fast)
+        if not len(slow):
+            return SampleBlock(keys, labels, flags, exts, payloads)
+        keep = np.ones(len(keys), bool)
+        for i in slow.tolist():
+            try:
+                _, labels[i], flags[i], payloads[i], ext = self.get(start + i)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                bad.append((int(keys[i]), str(exc)))
+                keep[i] = False
+                continue
+            exts[i] = _EXT_BYTES[ext]
+        return SampleBlock(keys[keep], labels[keep], flags[keep], exts[keep],
+                           [p for p, k in zip(payloads, keep.tolist(), strict=True) if k])
+
     def release(self) -> None:
         """Drop this process's mapped pages of the ``.rec`` (keeps RSS flat)."""
         mm = getattr(self.reader, "_mm", None)
@@ -158,121 +201,206 @@ def _sample_json(key: int, label: int, flag: int) -> bytes:
 
 
 _HEADER_ROW = np.frombuffer(tar_header(b"", 0), np.uint8)  # template for a block of headers
-_BATCH = 256  # samples whose headers are built together (block stays cache-sized)
+_BATCH = 256  # samples per block: hashed, framed and written together (stays cache-sized)
+_IOV_MAX = 1024  # iovecs per os.writev call (Linux's IOV_MAX)
+_ROW = 4 * _BLOCK  # per sample: padding source, json header, json body, next image header
+PART_SUFFIX = ".part"  # .parts/shard-NNNNNN.part: the shard's index, three .npy arrays
+PART_DTYPE = np.dtype([("key", "<i8"), ("label", "<i8"), ("offset", "<i8"), ("size", "<i8"),
+                       ("ext", "S3"), ("sha1", "u1", (20,))])
+
+
+class SampleBlock(NamedTuple):
+    """Consecutive good samples of one source: metadata arrays plus the image buffers."""
+
+    keys: np.ndarray  # int64
+    labels: np.ndarray  # int64
+    flags: np.ndarray  # int64
+    exts: np.ndarray  # S3: b"jpg" | b"png"
+    payloads: list[Any]  # bytes or zero-copy memoryviews into the source
+
+
+def samples_block(source: Any, start: int, stop: int, skip_bad: bool,
+                  bad: list[tuple[int, str]]) -> SampleBlock:
+    """Samples ``start:stop`` of any source through its per-sample ``get``.
+
+    Bad samples raise, or with ``skip_bad`` are appended to ``bad`` as ``(key, error)``.
+    """
+    keys: list[int] = []
+    labels: list[int] = []
+    flags: list[int] = []
+    exts: list[bytes] = []
+    payloads: list[Any] = []
+    for index in range(start, stop):
+        try:
+            key, label, flag, payload, ext = source.get(index)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            bad.append((source.key_of(index), str(exc)))
+            continue
+        keys.append(key)
+        labels.append(label)
+        flags.append(flag)
+        exts.append(_EXT_BYTES[ext])
+        payloads.append(payload)
+    return SampleBlock(np.array(keys, np.int64), np.array(labels, np.int64),
+                       np.array(flags, np.int64), np.array(exts, "S3"), payloads)
 
 
 def tar_headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """``len(names)`` ustar headers at once as an (n, 512) uint8 array (same bytes as
-    :func:`tar_header`): names are an ``S100`` array, sizes int64.
-
-    Building the octal size and checksum fields with array arithmetic instead of per
-    header string formatting removes the largest Python cost per sample.
-    """
-    n = len(names)
-    headers = np.tile(_HEADER_ROW, (n, 1))
-    headers[:, 0:100] = np.frombuffer(names.astype("S100").tobytes(), np.uint8).reshape(n, 100)
-    shifts = 3 * np.arange(10, -1, -1, dtype=np.int64)
-    headers[:, 124:135] = 48 + ((sizes[:, None] >> shifts) & 7)
-    headers[:, 135] = 0
-    headers[:, 148:156] = 32  # checksum counted as spaces
-    checksum = headers.sum(axis=1, dtype=np.int64)
-    headers[:, 148:154] = 48 + ((checksum[:, None] >> (3 * np.arange(5, -1, -1))) & 7)
-    headers[:, 154] = 0
-    headers[:, 155] = 32
+    :func:`tar_header`): names are an ``S100`` array, sizes int64."""
+    headers = np.empty((len(names), _BLOCK), np.uint8)
+    _fill_headers(headers, _name_bytes(names.astype("S100")), np.asarray(sizes, np.int64))
     return headers
+
+
+_OCTAL_SHIFTS = 3 * np.arange(10, -1, -1, dtype=np.int64)  # 11 octal digits of a size
+_CHECKSUM_SHIFTS = 3 * np.arange(5, -1, -1, dtype=np.int64)  # 6 octal digits
+
+
+def _fill_headers(out: np.ndarray, name_bytes: np.ndarray, sizes: np.ndarray) -> None:
+    """Write ustar headers into the (m, 512) uint8 view ``out`` (rows may be strided).
+
+    ``name_bytes`` is (m, w <= 100) NUL-padded. The octal size and checksum fields come
+    from array arithmetic, the checksum from the name and size bytes only (every other
+    field is constant): per-header string formatting was the largest cost per sample.
+    """
+    out[:] = _HEADER_ROW
+    out[:, :name_bytes.shape[1]] = name_bytes
+    size_digits = 48 + ((sizes[:, None] >> _OCTAL_SHIFTS) & 7)
+    out[:, 124:135] = size_digits
+    checksum = (_BASE_SUM + name_bytes.sum(axis=1, dtype=np.int64)
+                + size_digits.sum(axis=1))
+    out[:, 148:154] = 48 + ((checksum[:, None] >> _CHECKSUM_SHIFTS) & 7)
+    out[:, 154] = 0
+    out[:, 155] = 32
+
+
+def _name_bytes(strings: np.ndarray) -> np.ndarray:
+    """An ``S<w>`` array as an (n, w) uint8 array of its NUL-padded bytes."""
+    return np.frombuffer(strings.tobytes(), np.uint8).reshape(len(strings), -1)
+
+
+def _block_iovecs(block: SampleBlock, sizes: np.ndarray, pos: int
+                  ) -> tuple[list[Any], np.ndarray, int]:
+    """The tar bytes of ``block`` written at file position ``pos``, as buffers for writev.
+
+    Every non-image byte of a sample (padding, json header and body, the next sample's
+    image header) is built with array arithmetic into one 2 KB row per sample; the image
+    bytes go to the kernel straight from the source buffers, never copied in Python.
+    Returns ``(buffers, image offsets, end position)``.
+    """
+    n = len(block.keys)
+    sizes = np.ascontiguousarray(sizes, np.int64)
+    stems = block.keys.astype("S20")
+    bodies = [b'{"label": %d, "key": %d, "flag": %d}' % sample
+              for sample in zip(block.labels.tolist(), block.keys.tolist(),
+                                block.flags.tolist(), strict=True)]
+    body_sizes = np.fromiter(map(len, bodies), np.int64, n)
+    rows = np.zeros((n, _ROW), np.uint8)
+    _fill_headers(rows[:, _BLOCK:2 * _BLOCK], _name_bytes(np.char.add(stems, b".json")),
+                  body_sizes)
+    rows[:, 2 * _BLOCK:3 * _BLOCK] = _name_bytes(np.array(bodies, f"S{_BLOCK}"))
+    image_headers = np.empty((n, _BLOCK), np.uint8)
+    _fill_headers(image_headers, _name_bytes(np.char.add(np.char.add(stems, b"."), block.exts)),
+                  sizes)
+    rows[:-1, 3 * _BLOCK:] = image_headers[1:]
+    pads = -sizes & 511
+    lengths = sizes + pads + 3 * _BLOCK  # image header + image + pad + json header + body
+    ends = pos + np.cumsum(lengths)
+    offsets = ends - lengths + _BLOCK
+    row_starts = np.arange(n, dtype=np.int64) * _ROW
+    gap_starts = (row_starts + _BLOCK - pads).tolist()
+    gap_ends = (row_starts + _ROW).tolist()
+    gap_ends[-1] -= _BLOCK  # the next image header belongs to the next block
+    flat = memoryview(rows.reshape(-1))
+    buffers: list[Any] = [None] * (2 * n + 1)
+    buffers[0] = memoryview(image_headers[0])
+    buffers[1::2] = block.payloads
+    buffers[2::2] = [flat[a:b] for a, b in zip(gap_starts, gap_ends, strict=True)]
+    return buffers, offsets, int(ends[-1])
+
+
+def _writev_all(fd: int, buffers: list[Any]) -> None:
+    """``os.writev`` of every buffer in IOV_MAX-sized calls, finishing short writes."""
+    for lo in range(0, len(buffers), _IOV_MAX):
+        chunk = buffers[lo:lo + _IOV_MAX]
+        want = sum(map(len, chunk))
+        done = os.writev(fd, chunk)
+        if done < want:  # rare (signals, full disk): write the rest plainly
+            rest = memoryview(b"".join(chunk))[done:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
 
 
 def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
                  ) -> dict[str, Any]:
     """Write shard ``shard`` from samples ``start:stop`` and its part index; returns stats.
 
-    Samples are read and hashed one by one, then their tar headers are built in blocks of
-    ``_BATCH`` with array arithmetic and the block is written with one ``write``.
+    Blocks of ``_BATCH`` samples come from the source's vectorised ``block`` (a ``.rec``:
+    zero-copy views into the mapping) or per-sample ``get``; each block is hashed, framed
+    by :func:`_block_iovecs` and handed to the kernel with ``os.writev``.
     """
     import hashlib
 
     source = _SOURCE
-    get = source.get
+    read_block = getattr(source, "block", None)
+    sha1 = hashlib.sha1
     out_dir = Path(out)
     final = out_dir / SHARD_PATTERN.format(shard)
-    keys: list[int] = []
-    labels: list[int] = []
-    offsets: list[np.ndarray] = []
-    sizes: list[int] = []
-    exts: list[bytes] = []
-    digests: list[bytes] = []
+    parts: list[np.ndarray] = []
     bad: list[tuple[int, str]] = []
-    sha1 = hashlib.sha1
-    zeros = _ZEROS
     with atomic_path(final) as tmp, open(tmp, "wb", buffering=0) as f:
+        fd = f.fileno()
         pos = 0
-        payloads: list[bytes] = []
-        metas: list[bytes] = []
-        first = 0  # index into keys/sizes of the block being collected
-
-        def flush() -> None:
-            nonlocal pos, first
-            n = len(payloads)
+        for lo in range(start, stop, _BATCH):
+            hi = min(lo + _BATCH, stop)
+            if read_block is not None:
+                block = read_block(lo, hi, skip_bad, bad)
+            else:
+                block = samples_block(source, lo, hi, skip_bad, bad)
+            n = len(block.keys)
             if not n:
-                return
-            block_keys = np.array(keys[first:], np.int64)
-            block_sizes = np.array(sizes[first:], np.int64)
-            meta_sizes = np.fromiter(map(len, metas), np.int64, n)
-            stems = block_keys.astype("S20")
-            names = np.empty(2 * n, "S100")
-            names[0::2] = np.char.add(np.char.add(stems, b"."), np.array(exts[first:], "S3"))
-            names[1::2] = np.char.add(stems, b".json")
-            all_sizes = np.empty(2 * n, np.int64)
-            all_sizes[0::2], all_sizes[1::2] = block_sizes, meta_sizes
-            rows = memoryview(tar_headers(names, all_sizes).reshape(-1))
-            pads = (-block_sizes & 511).tolist()
-            meta_pads = (-meta_sizes & 511).tolist()
-            lengths = (2 * _BLOCK + block_sizes + (-block_sizes & 511) + meta_sizes
-                       + (-meta_sizes & 511))
-            starts = pos + np.concatenate(([0], np.cumsum(lengths)[:-1]))
-            offsets.append(starts + _BLOCK)
-            chunks: list[Any] = []
-            row = 0
-            for i in range(n):
-                chunks += (rows[row:row + _BLOCK], payloads[i], zeros[:pads[i]],
-                           rows[row + _BLOCK:row + 2 * _BLOCK], metas[i], zeros[:meta_pads[i]])
-                row += 2 * _BLOCK
-            f.write(b"".join(chunks))
-            pos = int(starts[-1] + lengths[-1])
-            payloads.clear()
-            metas.clear()
-            first = len(keys)
-
-        for index in range(start, stop):
-            try:
-                key, label, flag, payload, ext = get(index)
-            except DataError as exc:
-                if not skip_bad:
-                    raise
-                bad.append((source.key_of(index), str(exc)))
                 continue
-            metas.append(b'{"label": %d, "key": %d, "flag": %d}' % (label, key, flag))
-            payloads.append(payload)
-            keys.append(key)
-            labels.append(label)
-            sizes.append(len(payload))
-            exts.append(_EXT_BYTES[ext])
-            digests.append(sha1(payload).digest())
-            if len(payloads) >= _BATCH:
-                flush()
-        flush()
-        f.write(zeros)  # end-of-archive: two zero blocks
-    part = out_dir / PARTS_DIR / f"{final.stem}.npz"
-    with atomic_path(part, suffix=".npz") as tmp:
-        np.savez(tmp, key=np.array(keys, np.int64), label=np.array(labels, np.int64),
-                 offset=np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
-                 size=np.array(sizes, np.int64), ext=np.array(exts, "S3"),
-                 sha1=np.frombuffer(b"".join(digests), np.uint8).reshape(-1, 20),
-                 bad_key=np.array([b[0] for b in bad], np.int64),
-                 bad_error=np.array([b[1] for b in bad], dtype=str))
+            part = np.empty(n, PART_DTYPE)
+            part["sha1"] = np.frombuffer(b"".join([sha1(p).digest() for p in block.payloads]),
+                                         np.uint8).reshape(n, 20)
+            part["size"] = [len(p) for p in block.payloads]
+            buffers, part["offset"], pos = _block_iovecs(block, part["size"], pos)
+            _writev_all(fd, buffers)
+            part["key"], part["label"], part["ext"] = block.keys, block.labels, block.exts
+            parts.append(part)
+            del block, buffers
+        f.write(_ZEROS)  # end-of-archive: two zero blocks
+    index = np.concatenate(parts) if parts else np.zeros(0, PART_DTYPE)
+    write_part(out_dir / PARTS_DIR / f"{final.stem}{PART_SUFFIX}", index, bad)
     if hasattr(source, "release"):
         source.release()
-    return {"shard": shard, "samples": len(keys), "bad": len(bad)}
+    return {"shard": shard, "samples": len(index), "bad": len(bad)}
+
+
+def write_part(path: Path, index: np.ndarray, bad: Sequence[tuple[int, str]]) -> None:
+    """A shard's index (``PART_DTYPE`` rows) and bad records as three .npy arrays, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, index)
+        np.save(f, np.array([b[0] for b in bad], np.int64))
+        np.save(f, np.array([b[1] for b in bad], dtype=str))
+
+
+def read_part(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(index rows, bad keys, bad errors)`` written by :func:`write_part`."""
+    try:
+        with open(path, "rb") as f:
+            index = np.load(f)
+            bad_keys = np.load(f)
+            bad_errors = np.load(f)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: damaged shard index ({exc}); delete it and the matching "
+                        f"shard to convert that shard again") from None
+    if index.dtype != PART_DTYPE:
+        raise DataError(f"{path}: shard index has fields {index.dtype}, expected {PART_DTYPE}")
+    return index, bad_keys, bad_errors
 
 
 _EXT_BYTES = {"jpg": b"jpg", "png": b"png"}
@@ -286,26 +414,29 @@ def _verify_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
     source = _SOURCE
     out_dir = Path(out)
     tar_path = out_dir / SHARD_PATTERN.format(shard)
-    part = np.load(out_dir / PARTS_DIR / f"{tar_path.stem}.npz")
-    bad_keys = set(part["bad_key"].tolist())
+    index, bad_key_array, _ = read_part(out_dir / PARTS_DIR / f"{tar_path.stem}{PART_SUFFIX}")
+    bad_keys = set(bad_key_array.tolist())
+    keys, labels = index["key"].tolist(), index["label"].tolist()
+    offsets, sizes = index["offset"].tolist(), index["size"].tolist()
+    digests = [row.tobytes() for row in index["sha1"]]
     row = 0
     with open(tar_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        for index in range(start, stop):
-            if source.key_of(index) in bad_keys:
+        for i in range(start, stop):
+            if source.key_of(i) in bad_keys:
                 continue
-            key, label, _, payload, ext = source.get(index)
-            off, size = int(part["offset"][row]), int(part["size"][row])
+            if row >= len(keys):
+                raise DataError(f"{tar_path}: {len(keys)} samples indexed, more expected")
+            key, label, _, payload, ext = source.get(i)
+            off, size = offsets[row], sizes[row]
             stored = mm[off:off + size]
-            header = mm[off - _BLOCK:off]
-            name = header[:100].rstrip(b"\0").decode()
-            if (stored != payload or name != f"{key}.{ext}"
-                    or int(part["key"][row]) != key or int(part["label"][row]) != label
-                    or hashlib.sha1(stored).digest() != part["sha1"][row].tobytes()):
+            name = mm[off - _BLOCK:off - _BLOCK + 100].rstrip(b"\0").decode(errors="replace")
+            if (stored != payload or name != f"{key}.{ext}" or keys[row] != key
+                    or labels[row] != label or hashlib.sha1(stored).digest() != digests[row]):
                 raise DataError(f"{tar_path}: sample {key} differs from the source "
                                 f"(verify failed)")
             row += 1
-    if row != len(part["key"]):
-        raise DataError(f"{tar_path}: {len(part['key'])} samples indexed, {row} expected")
+    if row != len(keys):
+        raise DataError(f"{tar_path}: {len(keys)} samples indexed, {row} expected")
     return {"shard": shard, "samples": row}
 
 
@@ -402,7 +533,11 @@ def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000
 
 def _shard_done(out: Path, shard: int) -> bool:
     name = SHARD_PATTERN.format(shard)
-    return (out / name).is_file() and (out / PARTS_DIR / f"{Path(name).stem}.npz").is_file()
+    return ((out / name).is_file()
+            and (out / PARTS_DIR / f"{Path(name).stem}{PART_SUFFIX}").is_file())
+
+
+_ROW_GROUP = 1 << 17  # manifest rows buffered per parquet row group (memory stays flat)
 
 
 def _finish(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
@@ -417,23 +552,46 @@ def _finish(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
     samples = 0
     bad: list[dict[str, Any]] = []
     max_label = -1
+    pending: list[np.ndarray] = []
+    pending_shards: list[np.ndarray] = []
+
+    def flush(writer: Any) -> None:
+        rows = np.concatenate(pending)
+        table = pa.table({
+            "key": np.ascontiguousarray(rows["key"]),
+            "label": np.ascontiguousarray(rows["label"]),
+            "shard": np.concatenate(pending_shards),
+            "offset": np.ascontiguousarray(rows["offset"]),
+            "size": np.ascontiguousarray(rows["size"]),
+            "ext": pa.array(np.ascontiguousarray(rows["ext"])).cast(pa.string()),
+            "sha1": _hex_digests(rows["sha1"])}, schema=schema)
+        writer.write_table(table)
+        pending.clear()
+        pending_shards.clear()
+
     with atomic_path(out / MANIFEST, suffix=".parquet") as tmp, \
             pq.ParquetWriter(tmp, schema) as writer:
+        buffered = 0
         for shard, _, _ in tasks:
-            part = np.load(out / PARTS_DIR / f"shard-{shard:06d}.npz")
-            n = len(part["key"])
-            table = pa.table({
-                "key": part["key"], "label": part["label"],
-                "shard": np.full(n, shard, np.int32), "offset": part["offset"],
-                "size": part["size"],
-                "ext": pa.array(part["ext"]).cast(pa.string()),
-                "sha1": _hex_digests(part["sha1"])}, schema=schema)
-            writer.write_table(table)
-            samples += n
+            index, bad_keys, bad_errors = read_part(
+                out / PARTS_DIR / f"{SHARD_PATTERN.format(shard)[:-4]}{PART_SUFFIX}")
+            n = len(index)
             if n:
-                max_label = max(max_label, int(part["label"].max()))
+                pending.append(index)
+                pending_shards.append(np.full(n, shard, np.int32))
+                max_label = max(max_label, int(index["label"].max()))
+            samples += n
+            buffered += n
+            if buffered >= _ROW_GROUP:
+                flush(writer)
+                buffered = 0
             bad.extend({"key": int(k), "error": str(e)}
-                       for k, e in zip(part["bad_key"], part["bad_error"], strict=True))
+                       for k, e in zip(bad_keys.tolist(), bad_errors.tolist(), strict=True))
+        if pending or not samples:
+            if not pending:
+                pending.append(np.zeros(0, PART_DTYPE))
+                pending_shards.append(np.zeros(0, np.int32))
+            flush(writer)
     num_classes = int(getattr(source, "num_classes", 0) or 0) or max_label + 1
     dataset = {"format": FORMAT_NAME, "version": 1, "samples": samples,
                "num_classes": num_classes, "shards": [SHARD_PATTERN.format(t[0]) for t in tasks],
@@ -451,16 +609,14 @@ def _finish(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
 
 
 def _hex_digests(raw: np.ndarray) -> Any:
-    """(n, 20) uint8 digests -> pyarrow strings of 40-char hex (vectorised, no per-row str)."""
+    """(n, 20) uint8 digests -> pyarrow strings of 40-char hex, built from one hex buffer."""
     import pyarrow as pa
 
-    nibbles = raw.reshape(-1, 20)
-    table = np.frombuffer(b"0123456789abcdef", np.uint8)
-    chars = np.empty((len(raw), 40), np.uint8)
-    chars[:, 0::2] = table[nibbles >> 4]
-    chars[:, 1::2] = table[nibbles & 15]
-    return pa.array(chars.reshape(-1).view("S40") if len(raw) else np.zeros(0, "S40")
-                    ).cast(pa.string())
+    n = len(raw)
+    text = np.ascontiguousarray(raw, np.uint8).tobytes().hex().encode("ascii")
+    offsets = np.arange(0, 40 * n + 1, 40, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text)
+                                            ).cast(pa.string())
 
 
 def rec2shards(source: str | os.PathLike, out: str | os.PathLike, *, shard_size: int = 10000,
