@@ -24,10 +24,13 @@ def test_tiny_demo_runs_every_stage_and_resumes(tmp_path):
         assert name in text
     assert (out / "report.png").stat().st_size > 10_000
     assert (out / "export" / "student_srd.onnx").exists()
-    rows = json.loads((out / "eval" / "rows.json").read_text())
+    rows = json.loads((out / "eval" / "compare_rows.json").read_text())
     assert len(rows) == 3
+    # every figure is a percentage, whatever the source (bins or IJB)
+    assert all(0.0 <= v <= 100.0 for row in rows for k, v in row.items()
+               if k not in ("model", "model_sha256"))
     # a rerun reuses every finished step and rewrites the same table
     mtime = (out / "runs" / "teacher" / "student.pt").stat().st_mtime_ns
     run_demo(out, preset="tiny")
     assert (out / "runs" / "teacher" / "student.pt").stat().st_mtime_ns == mtime
-    assert json.loads((out / "eval" / "rows.json").read_text()) == rows
+    assert json.loads((out / "eval" / "compare_rows.json").read_text()) == rows

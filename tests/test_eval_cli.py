@@ -90,6 +90,9 @@ def test_ijb_and_compare(models, cache, verify_reports, tmp_path):
                 "--cache-dir", cache) == 0
     rows = (out / "compare.csv").read_text().splitlines()
     assert len(rows) == 3 and "tiny_pairs acc" in rows[0] and "IJBC tar@far1e-04" in rows[0]
+    header, first = rows[0].split(","), rows[1].split(",")
+    acc = float(first[header.index("tiny_pairs acc")])
+    assert 1.0 < acc <= 100.0  # a percentage like the IJB columns, never a fraction
     assert (out / "roc_tiny_pairs.png").is_file() and (out / "roc_IJBC.png").is_file()
 
 

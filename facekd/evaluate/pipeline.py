@@ -211,6 +211,10 @@ def _load(model: str | Path, arch: str | None, device: str | None) -> Any:
     return embedder
 
 
+def _percent(fraction: float) -> float:
+    return round(100 * float(fraction), 2)
+
+
 def verification_row(res: dict[str, Any]) -> dict[str, Any]:
     row = {"model": res["model"], "model_sha256": res["model_sha256"][:16],
            "dataset": res["dataset"], "dataset_sha256": res["dataset_sha256"][:16],
@@ -306,7 +310,11 @@ def run_compare(models: Sequence[str | Path], bins: Sequence[str | Path], out: s
                 arch: str | None = None, device: str | None = None, batch_size: int = 256,
                 workers: int = 4, cache_dir: str | Path | None = None, use_cache: bool = True,
                 progress: bool = True) -> list[dict[str, Any]]:
-    """``facekd eval compare``: teacher and students side by side, one row per model."""
+    """``facekd eval compare``: teacher and students side by side, one row per model.
+
+    Every figure in a compare row is a percentage (accuracies and TARs alike), so a
+    row's columns can share one axis; ``eval verify`` keeps insightface's fractions.
+    """
     if not bins and ijb_dir is None:
         raise DataError("nothing to compare on: give --bins and/or --ijb")
     rows, results = [], []
@@ -320,8 +328,8 @@ def run_compare(models: Sequence[str | Path], bins: Sequence[str | Path], out: s
             res = evaluate_bin(embedder, b, batch_size, cache_dir=cache_dir,
                                use_cache=use_cache, progress=progress)
             results.append(res)
-            row[f"{res['dataset']} acc"] = res["acc_mean"]
-            row[f"{res['dataset']} tar@far1e-3"] = res["tar_at_far"][1e-3]
+            row[f"{res['dataset']} acc"] = _percent(res["acc_mean"])
+            row[f"{res['dataset']} tar@far1e-3"] = _percent(res["tar_at_far"][1e-3])
             rocs.setdefault(res["dataset"], {})[label] = (res["roc_fpr"], res["roc_tpr"])
         if ijb_dir is not None:
             res = evaluate_ijb(embedder, ijb_dir, dataset, batch_size=batch_size,
@@ -329,7 +337,7 @@ def run_compare(models: Sequence[str | Path], bins: Sequence[str | Path], out: s
                                progress=progress)
             results.append(res)
             for far in (1e-5, 1e-4, 1e-3):
-                row[f"{res['dataset']} tar@far{far:.0e}"] = round(100 * res["tar_at_far"][far], 2)
+                row[f"{res['dataset']} tar@far{far:.0e}"] = _percent(res["tar_at_far"][far])
             rocs.setdefault(res["dataset"], {})[label] = (res["fpr"], res["tpr"])
         rows.append(row)
     _write(out, "compare", rows, results, "facekd eval compare", rocs)
