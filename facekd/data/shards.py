@@ -13,6 +13,7 @@ killed half way resumes by keeping finished shards and redoing the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -157,9 +158,10 @@ class RecSamples:
         payloads: list[Any] = [view[a:b] for a, b in zip(starts.tolist(), ends.tolist(),
                                                           strict=True)]
         exts = np.full(len(keys), b"jpg", "S3")
+        sizes = ends - starts
         slow = np.flatnonzero(~fast)
         if not len(slow):
-            return SampleBlock(keys, labels, flags, exts, payloads)
+            return SampleBlock(keys, labels, flags, exts, sizes, payloads)
         keep = np.ones(len(keys), bool)
         for i in slow.tolist():
             try:
@@ -170,8 +172,8 @@ class RecSamples:
                 bad.append((int(keys[i]), str(exc)))
                 keep[i] = False
                 continue
-            exts[i] = _EXT_BYTES[ext]
-        return SampleBlock(keys[keep], labels[keep], flags[keep], exts[keep],
+            exts[i], sizes[i] = _EXT_BYTES[ext], len(payloads[i])
+        return SampleBlock(keys[keep], labels[keep], flags[keep], exts[keep], sizes[keep],
                            [p for p, k in zip(payloads, keep.tolist(), strict=True) if k])
 
     def release(self) -> None:
@@ -201,7 +203,7 @@ def _sample_json(key: int, label: int, flag: int) -> bytes:
 
 
 _HEADER_ROW = np.frombuffer(tar_header(b"", 0), np.uint8)  # template for a block of headers
-_BATCH = 256  # samples per block: hashed, framed and written together (stays cache-sized)
+_BATCH = 512  # samples per block: hashed, framed and written together (2 writev calls)
 _IOV_MAX = 1024  # iovecs per os.writev call (Linux's IOV_MAX)
 _ROW = 4 * _BLOCK  # per sample: padding source, json header, json body, next image header
 PART_SUFFIX = ".part"  # .parts/shard-NNNNNN.part: the shard's index, three .npy arrays
@@ -216,6 +218,7 @@ class SampleBlock(NamedTuple):
     labels: np.ndarray  # int64
     flags: np.ndarray  # int64
     exts: np.ndarray  # S3: b"jpg" | b"png"
+    sizes: np.ndarray  # int64 image bytes
     payloads: list[Any]  # bytes or zero-copy memoryviews into the source
 
 
@@ -244,7 +247,8 @@ def samples_block(source: Any, start: int, stop: int, skip_bad: bool,
         exts.append(_EXT_BYTES[ext])
         payloads.append(payload)
     return SampleBlock(np.array(keys, np.int64), np.array(labels, np.int64),
-                       np.array(flags, np.int64), np.array(exts, "S3"), payloads)
+                       np.array(flags, np.int64), np.array(exts, "S3"),
+                       np.fromiter(map(len, payloads), np.int64, len(payloads)), payloads)
 
 
 def tar_headers(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -282,7 +286,7 @@ def _name_bytes(strings: np.ndarray) -> np.ndarray:
     return np.frombuffer(strings.tobytes(), np.uint8).reshape(len(strings), -1)
 
 
-def _block_iovecs(block: SampleBlock, sizes: np.ndarray, pos: int
+def _block_iovecs(block: SampleBlock, pos: int
                   ) -> tuple[list[Any], np.ndarray, int]:
     """The tar bytes of ``block`` written at file position ``pos``, as buffers for writev.
 
@@ -292,7 +296,7 @@ def _block_iovecs(block: SampleBlock, sizes: np.ndarray, pos: int
     Returns ``(buffers, image offsets, end position)``.
     """
     n = len(block.keys)
-    sizes = np.ascontiguousarray(sizes, np.int64)
+    sizes = block.sizes
     stems = block.keys.astype("S20")
     bodies = [b'{"label": %d, "key": %d, "flag": %d}' % sample
               for sample in zip(block.labels.tolist(), block.keys.tolist(),
@@ -366,29 +370,31 @@ def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
             part = np.empty(n, PART_DTYPE)
             part["sha1"] = np.frombuffer(b"".join([sha1(p).digest() for p in block.payloads]),
                                          np.uint8).reshape(n, 20)
-            part["size"] = [len(p) for p in block.payloads]
-            buffers, part["offset"], pos = _block_iovecs(block, part["size"], pos)
+            part["size"] = block.sizes
+            buffers, part["offset"], pos = _block_iovecs(block, pos)
             _writev_all(fd, buffers)
             part["key"], part["label"], part["ext"] = block.keys, block.labels, block.exts
             parts.append(part)
             del block, buffers
         f.write(_ZEROS)  # end-of-archive: two zero blocks
     index = np.concatenate(parts) if parts else np.zeros(0, PART_DTYPE)
-    write_part(out_dir / PARTS_DIR / f"{final.stem}{PART_SUFFIX}", index, bad)
+    bad_keys = np.array([b[0] for b in bad], np.int64)
+    bad_errors = np.array([b[1] for b in bad], dtype=str)
+    write_part(_part_path(out_dir, shard), (index, bad_keys, bad_errors))
     if hasattr(source, "release"):
         source.release()
-    return {"shard": shard, "samples": len(index), "bad": len(bad)}
+    return {"shard": shard, "samples": len(index), "bad": len(bad),
+            "part": (index, bad_keys, bad_errors)}
 
 
-def write_part(path: Path, index: np.ndarray, bad: Sequence[tuple[int, str]]) -> None:
-    """A shard's index (``PART_DTYPE`` rows) and bad records as three .npy arrays, atomically."""
+def write_part(path: Path, part: Part) -> None:
+    """A shard's index (``PART_DTYPE`` rows, bad keys, bad errors) as three .npy arrays."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, index)
-        np.save(f, np.array([b[0] for b in bad], np.int64))
-        np.save(f, np.array([b[1] for b in bad], dtype=str))
+        for array in part:
+            np.save(f, array)
 
 
-def read_part(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_part(path: Path) -> Part:
     """``(index rows, bad keys, bad errors)`` written by :func:`write_part`."""
     try:
         with open(path, "rb") as f:
@@ -414,7 +420,7 @@ def _verify_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
     source = _SOURCE
     out_dir = Path(out)
     tar_path = out_dir / SHARD_PATTERN.format(shard)
-    index, bad_key_array, _ = read_part(out_dir / PARTS_DIR / f"{tar_path.stem}{PART_SUFFIX}")
+    index, bad_key_array, _ = read_part(_part_path(out_dir, shard))
     bad_keys = set(bad_key_array.tolist())
     keys, labels = index["key"].tolist(), index["label"].tolist()
     offsets, sizes = index["offset"].tolist(), index["size"].tolist()
@@ -451,6 +457,18 @@ def _plan(total: int, shard_size: int) -> list[tuple[int, int, int]]:
             for i, start in enumerate(range(0, total, shard_size))]
 
 
+def _prepare_fork() -> None:
+    """Import what the workers would otherwise import lazily on their first shard.
+
+    Forked workers start from the parent's state: importing ``numpy.char`` and
+    ``numpy.lib.format`` here once saves each worker doing it on every run.
+    """
+    import hashlib  # noqa: F401
+
+    import numpy.char
+    import numpy.lib.format  # noqa: F401
+
+
 def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]],
          source: Any, out: Path, workers: int, skip_bad: bool, desc: str
          ) -> Iterator[dict[str, Any]]:
@@ -470,6 +488,8 @@ def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]
         import multiprocessing as mp
 
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        if method == "fork":
+            _prepare_fork()
         with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
                                  initializer=_init_worker, initargs=(source,)) as pool:
             pending: dict[Future, int] = {}
@@ -495,7 +515,12 @@ def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]
 def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000,
                  workers: int = 2, verify: bool = False, skip_bad: bool = False,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Convert a sample source into tar shards + manifest; resumes finished shards."""
+    """Convert a sample source into tar shards + manifest; resumes finished shards.
+
+    The manifest is streamed while the workers run (each shard's index comes back with
+    its result, in any order, and is written in shard order), so little is left to do
+    after the last shard.
+    """
     from facekd.logs import add_file_log
 
     out = Path(out)
@@ -515,9 +540,13 @@ def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000
         if len(todo) < len(tasks):
             log.info("%s: resuming, %d of %d shards already written", out,
                      len(tasks) - len(todo), len(tasks))
-        for _ in _run(todo, _write_shard, source, out, workers, skip_bad, "rec2shards"):
-            pass
-        summary = _finish(out, tasks, source, extra or {})
+        written_before = {t[0] for t in tasks} - {t[0] for t in todo}
+        with _ManifestWriter(out, [t[0] for t in tasks], written_before) as manifest:
+            for result in _run(todo, _write_shard, source, out, workers, skip_bad,
+                               "rec2shards"):
+                manifest.add(result["shard"], result.get("part"))
+            manifest.close()
+        summary = _write_dataset_json(out, tasks, source, manifest, extra or {})
         if verify:
             for _ in _run(tasks, _verify_shard, source, out, workers, skip_bad, "verify"):
                 pass
@@ -531,81 +560,128 @@ def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000
         handler.close()
 
 
+def _part_path(out: Path, shard: int) -> Path:
+    return out / PARTS_DIR / f"{SHARD_PATTERN.format(shard)[:-len('.tar')]}{PART_SUFFIX}"
+
+
 def _shard_done(out: Path, shard: int) -> bool:
-    name = SHARD_PATTERN.format(shard)
-    return ((out / name).is_file()
-            and (out / PARTS_DIR / f"{Path(name).stem}{PART_SUFFIX}").is_file())
+    return (out / SHARD_PATTERN.format(shard)).is_file() and _part_path(out, shard).is_file()
 
 
 _ROW_GROUP = 1 << 17  # manifest rows buffered per parquet row group (memory stays flat)
+Part = tuple[np.ndarray, np.ndarray, np.ndarray]  # index rows, bad keys, bad errors
 
 
-def _finish(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
-            extra: dict[str, Any]) -> dict[str, Any]:
-    """Concatenate the part indexes into manifest.parquet (streamed) and dataset.json."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class _ManifestWriter:
+    """``manifest.parquet`` streamed in shard order from shard indexes arriving in any order.
 
-    schema = pa.schema([("key", pa.int64()), ("label", pa.int64()), ("shard", pa.int32()),
-                        ("offset", pa.int64()), ("size", pa.int64()), ("ext", pa.string()),
-                        ("sha1", pa.string())])
-    samples = 0
-    bad: list[dict[str, Any]] = []
-    max_label = -1
-    pending: list[np.ndarray] = []
-    pending_shards: list[np.ndarray] = []
+    Shards in ``written_before`` (finished by an earlier, interrupted run) are read from
+    their part files when their turn comes. The manifest appears under its final name
+    only on :meth:`close`; leaving the ``with`` block on an error removes the temp file.
+    """
 
-    def flush(writer: Any) -> None:
-        rows = np.concatenate(pending)
-        table = pa.table({
+    def __init__(self, out: Path, shards: Sequence[int], written_before: set[int]) -> None:
+        self.out = out
+        self.shards = list(shards)
+        self.written_before = written_before
+        self.next = 0  # position in ``shards`` of the next shard to write
+        self.arrived: dict[int, Part] = {}
+        self.samples = 0
+        self.max_label = -1
+        self.bad: list[tuple[int, str]] = []
+        self._rows: list[np.ndarray] = []
+        self._row_shards: list[np.ndarray] = []
+        self._buffered = 0
+        self._stack = contextlib.ExitStack()
+        self._writer: Any = None
+
+    def __enter__(self) -> _ManifestWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
+
+    def add(self, shard: int, part: Part | None) -> None:
+        """Shard ``shard`` is written; ``part`` is its index (None: read its part file)."""
+        self.arrived[shard] = part if part is not None else read_part(
+            _part_path(self.out, shard))
+        self._drain()
+
+    def close(self) -> None:
+        """Write what is left and move the manifest to its final name."""
+        self._drain()
+        if self.next < len(self.shards):
+            missing = SHARD_PATTERN.format(self.shards[self.next])
+            raise DataError(f"{self.out}: {missing} was never written")
+        self._flush()
+        self._stack.close()
+
+    def _drain(self) -> None:
+        while self.next < len(self.shards):
+            shard = self.shards[self.next]
+            part = self.arrived.pop(shard, None)
+            if part is None:
+                if shard not in self.written_before:
+                    return  # still being written
+                part = read_part(_part_path(self.out, shard))
+            index, bad_keys, bad_errors = part
+            if len(index):
+                self._rows.append(index)
+                self._row_shards.append(np.full(len(index), shard, np.int32))
+                self.max_label = max(self.max_label, int(index["label"].max()))
+            self.samples += len(index)
+            self._buffered += len(index)
+            self.bad.extend(zip(bad_keys.tolist(), bad_errors.tolist(), strict=True))
+            self.next += 1
+            if self._buffered >= _ROW_GROUP:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered rows as one row group (and open the file on first use)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("key", pa.int64()), ("label", pa.int64()), ("shard", pa.int32()),
+                            ("offset", pa.int64()), ("size", pa.int64()),
+                            ("ext", pa.string()), ("sha1", pa.string())])
+        if self._writer is None:
+            tmp = self._stack.enter_context(atomic_path(self.out / MANIFEST, suffix=".parquet"))
+            self._writer = self._stack.enter_context(pq.ParquetWriter(tmp, schema))
+        elif not self._rows:
+            return
+        rows = np.concatenate(self._rows) if self._rows else np.zeros(0, PART_DTYPE)
+        shards = np.concatenate(self._row_shards) if self._rows else np.zeros(0, np.int32)
+        self._writer.write_table(pa.table({
             "key": np.ascontiguousarray(rows["key"]),
             "label": np.ascontiguousarray(rows["label"]),
-            "shard": np.concatenate(pending_shards),
+            "shard": shards,
             "offset": np.ascontiguousarray(rows["offset"]),
             "size": np.ascontiguousarray(rows["size"]),
             "ext": pa.array(np.ascontiguousarray(rows["ext"])).cast(pa.string()),
-            "sha1": _hex_digests(rows["sha1"])}, schema=schema)
-        writer.write_table(table)
-        pending.clear()
-        pending_shards.clear()
+            "sha1": _hex_digests(rows["sha1"])}, schema=schema))
+        self._rows.clear()
+        self._row_shards.clear()
+        self._buffered = 0
 
-    with atomic_path(out / MANIFEST, suffix=".parquet") as tmp, \
-            pq.ParquetWriter(tmp, schema) as writer:
-        buffered = 0
-        for shard, _, _ in tasks:
-            index, bad_keys, bad_errors = read_part(
-                out / PARTS_DIR / f"{SHARD_PATTERN.format(shard)[:-4]}{PART_SUFFIX}")
-            n = len(index)
-            if n:
-                pending.append(index)
-                pending_shards.append(np.full(n, shard, np.int32))
-                max_label = max(max_label, int(index["label"].max()))
-            samples += n
-            buffered += n
-            if buffered >= _ROW_GROUP:
-                flush(writer)
-                buffered = 0
-            bad.extend({"key": int(k), "error": str(e)}
-                       for k, e in zip(bad_keys.tolist(), bad_errors.tolist(), strict=True))
-        if pending or not samples:
-            if not pending:
-                pending.append(np.zeros(0, PART_DTYPE))
-                pending_shards.append(np.zeros(0, np.int32))
-            flush(writer)
-    num_classes = int(getattr(source, "num_classes", 0) or 0) or max_label + 1
+
+def _write_dataset_json(out: Path, tasks: Sequence[tuple[int, int, int]], source: Any,
+                        manifest: _ManifestWriter, extra: dict[str, Any]) -> dict[str, Any]:
+    """``dataset.json`` (and ``bad_records.txt``) once the manifest is complete."""
+    bad = manifest.bad
+    samples = manifest.samples
+    num_classes = int(getattr(source, "num_classes", 0) or 0) or manifest.max_label + 1
     dataset = {"format": FORMAT_NAME, "version": 1, "samples": samples,
                "num_classes": num_classes, "shards": [SHARD_PATTERN.format(t[0]) for t in tasks],
                "manifest": MANIFEST, **source.describe(), "bad_records": len(bad), **extra}
     write_json_atomic(out / DATASET_JSON, dataset)
     if bad:
-        lines = "".join(f"{b['key']}\t{b['error']}\n" for b in bad)
         from facekd.fileio import write_text_atomic
 
-        write_text_atomic(out / "bad_records.txt", lines)
+        write_text_atomic(out / "bad_records.txt", "".join(f"{k}\t{e}\n" for k, e in bad))
         log.warning("%s: skipped %d bad records (listed in bad_records.txt)", out, len(bad))
     return {"out": str(out), "samples": samples, "shards": len(tasks),
             "num_classes": num_classes, "bad_records": len(bad),
-            "bad_examples": [b["error"] for b in bad[:5]]}
+            "bad_examples": [e for _, e in bad[:5]]}
 
 
 def _hex_digests(raw: np.ndarray) -> Any:
