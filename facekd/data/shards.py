@@ -568,7 +568,7 @@ def _shard_done(out: Path, shard: int) -> bool:
     return (out / SHARD_PATTERN.format(shard)).is_file() and _part_path(out, shard).is_file()
 
 
-_ROW_GROUP = 1 << 17  # manifest rows buffered per parquet row group (memory stays flat)
+_ROW_GROUP = 1 << 11  # manifest rows per parquet row group: small buffer, flat RSS
 Part = tuple[np.ndarray, np.ndarray, np.ndarray]  # index rows, bad keys, bad errors
 
 
