@@ -198,6 +198,30 @@ def decode_into(payload: bytes, out: np.ndarray, flip: bool, where: Any, key: in
     cv2.split(image, [out[2], out[1], out[0]])
 
 
+def decode_batch(read: Any, rows: list[int], flips: list[bool], out: np.ndarray, where: Any,
+                 keys: np.ndarray, scratch: np.ndarray | None = None) -> None:
+    """:func:`decode_into` for a whole batch: ``out[i]`` <- image ``read(rows[i])``.
+
+    The same three OpenCV calls per image with the per-image Python trimmed to the
+    minimum (OpenCV functions bound once, the expected size checked in one comparison);
+    anything unusual goes through :func:`decode_into`. Saves about 2 us of the ~25 us
+    per image the loader spends beyond ``cv2.imdecode`` (of which ``cv2.split`` is ~12).
+    """
+    import cv2
+
+    imdecode, frombuffer, flip, split = cv2.imdecode, np.frombuffer, cv2.flip, cv2.split
+    colour, expected = cv2.IMREAD_COLOR, (out.shape[2], out.shape[3], 3)
+    for plane, row, flipped in zip(out, rows, flips, strict=True):
+        payload = read(row)
+        image = imdecode(frombuffer(payload, np.uint8), colour)
+        if image is None or image.shape != expected:  # corrupt or another size
+            decode_into(payload, plane, flipped, where, int(keys[row]), scratch)
+            continue
+        if flipped:
+            image = flip(image, 1, dst=scratch)
+        split(image, [plane[2], plane[1], plane[0]])
+
+
 class _BatchStream:
     """Yields raw batches (uint8 NCHW RGB, labels, keys, flipped) of one rank and worker.
 
@@ -251,11 +275,8 @@ class _BatchStream:
         for j, rows, batch_flips in self.plan(worker, num_workers):
             shape = (len(rows), 3, IMAGE_SIZE, IMAGE_SIZE)
             images = self.pool.empty(shape, np.uint8) if self.pool else np.empty(shape, np.uint8)
-            for i, (row, flipped) in enumerate(zip(rows.tolist(), batch_flips.tolist(),
-                                                   strict=True)):
-                payload = self.source.read(row)
-                decode_into(payload, images[i], flipped, self.source.name, int(keys[row]),
-                            scratch)
+            decode_batch(self.source.read, rows.tolist(), batch_flips.tolist(), images,
+                         self.source.name, keys, scratch)
             yield {"image": torch.from_numpy(images),
                    "label": torch.from_numpy(labels[rows].astype(np.int64)) if self.labelled
                    else torch.full((len(rows),), -1, dtype=torch.int64),
