@@ -109,7 +109,7 @@ class RecSamples:
         self.reader = open_rec(path)
         self.keys = self.reader.image_keys()
         self._key_list = memoryview(self.keys)  # Python ints on indexing
-        self.num_classes = self.reader.num_classes
+        self._num_classes: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -122,6 +122,17 @@ class RecSamples:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def num_classes(self) -> int:
+        """The reader's class count, 0 when its label scan meets a bad label (the caller
+        then counts the converted labels; a bad record is reported by :meth:`get`)."""
+        if self._num_classes is None:
+            try:
+                self._num_classes = self.reader.num_classes
+            except DataError:
+                self._num_classes = 0
+        return self._num_classes
 
     def get(self, index: int) -> tuple[int, int, int, bytes, str]:
         """``(key, label, flag, image bytes, ext)`` of sample ``index``."""
