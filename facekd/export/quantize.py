@@ -445,6 +445,34 @@ def split_grouped_convs(model_proto: Any, max_per_group: int = 4) -> int:
     return replaced
 
 
+def prelu_as_max(model_proto: Any) -> int:
+    """Exact FP32 rewrite PRelu(x, a) -> Max(x, a * x) where every slope is <= 1.
+
+    Not used by the INT8 recipe; it shows what the FP32 file gains from the same
+    algebra (bench/p6_latency.py). Returns the number of PRelus rewritten.
+    """
+    from onnx import helper
+
+    graph = model_proto.graph
+    _, consumers = _graph_index(graph)
+    inits = _Initializers(graph, consumers)
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        slope = inits.array(node.input[1]) if node.op_type == "PRelu" else None
+        if slope is None or slope.max() > 1.0:
+            nodes.append(node)
+            continue
+        scaled = f"{node.output[0]}_facekd_ax"
+        nodes += [helper.make_node("Mul", [node.input[0], node.input[1]], [scaled],
+                                   name=f"{node.name}_mul"),
+                  helper.make_node("Max", [node.input[0], scaled], [node.output[0]],
+                                   name=f"{node.name}_max")]
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
+
+
 def quantized_prelus(model_proto: Any, slope_op: str = "conv") -> int:
     """INT8 rewrite 3 (see above) on a QDQ model; returns the number of PRelus replaced.
 
