@@ -138,3 +138,29 @@ def test_damaged_shard_index_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"shard-000001\.part: damaged shard index"):
         rec2shards(tmp_path, out, shard_size=4, workers=1, skip_bad=True)
     assert not (out / "manifest.parquet").exists()
+
+
+def test_worker_errors_reach_the_caller(tmp_path):
+    _mixed_rec(tmp_path)
+    with pytest.raises(DataError, match=r"train\.rec: key (7: label nan|8: payload of 24 b)"):
+        rec2shards(tmp_path, tmp_path / "stop", shard_size=2, workers=2)
+    assert not (tmp_path / "stop" / "manifest.parquet").exists()
+
+
+def test_a_dying_worker_is_a_data_error_and_the_run_resumes(tmp_path, monkeypatch):
+    _mixed_rec(tmp_path)
+    real = shards_mod._write_shard
+
+    def killed(out_dir, shard, start, stop, skip_bad):
+        if shard == 2:
+            os._exit(9)  # like the OOM killer: no exception, no result
+        return real(out_dir, shard, start, stop, skip_bad)
+
+    monkeypatch.setattr(shards_mod, "_write_shard", killed)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="conversion worker died"):
+        rec2shards(tmp_path, out, shard_size=2, workers=2, skip_bad=True)
+    monkeypatch.setattr(shards_mod, "_write_shard", real)
+    rec2shards(tmp_path, out, shard_size=2, workers=2, skip_bad=True)
+    tars, _ = _reference_shards(tmp_path, 2)
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))} == tars

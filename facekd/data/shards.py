@@ -21,7 +21,6 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -483,11 +482,18 @@ def _prepare_fork() -> None:
 def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]],
          source: Any, out: Path, workers: int, skip_bad: bool, desc: str
          ) -> Iterator[dict[str, Any]]:
-    """Run ``fn`` over shard tasks, in-process or over a process pool, with a progress bar."""
+    """Run ``fn`` over shard tasks, in-process or in worker processes, with a progress bar.
+
+    Workers take the next task from a shared counter and send results over a pipe; the
+    parent only waits on the pipes (no executor threads or per-task queues), and a worker
+    that dies without a word (OOM killer) is a :class:`DataError`, not a hang. On the
+    first error no new shard starts, the running ones finish, and the error is raised.
+    """
     from tqdm import tqdm
 
-    total = sum(stop - start for _, start, stop in tasks)
-    bar = tqdm(total=total, desc=desc, unit="img", mininterval=1.0, disable=None)
+    sizes = {shard: stop - start for shard, start, stop in tasks}
+    bar = tqdm(total=sum(sizes.values()), desc=desc, unit="img", mininterval=1.0,
+               disable=None)
     try:
         if workers <= 1 or len(tasks) <= 1:
             _init_worker(source)
@@ -496,31 +502,85 @@ def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]
                 bar.update(stop - start)
                 yield result
             return
-        import multiprocessing as mp
-
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        if method == "fork":
-            _prepare_fork()
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
-                                 initializer=_init_worker, initargs=(source,)) as pool:
-            pending: dict[Future, int] = {}
-            todo = list(tasks)
-            while todo or pending:
-                while todo and len(pending) < 2 * workers:
-                    shard, start, stop = todo.pop(0)
-                    fut = pool.submit(fn, str(out), shard, start, stop, skip_bad)
-                    pending[fut] = stop - start
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                try:
-                    for fut in done:
-                        bar.update(pending.pop(fut))
-                        yield fut.result()
-                except BaseException:
-                    for fut in pending:  # stop at the first bad shard: queued ones never start
-                        fut.cancel()
-                    raise
+        yield from _run_processes(list(tasks), fn, source, str(out), min(workers, len(tasks)),
+                                  skip_bad, lambda shard: bar.update(sizes[shard]))
     finally:
         bar.close()
+
+
+def _run_processes(tasks: list[tuple[int, int, int]], fn: Callable[..., dict[str, Any]],
+                   source: Any, out: str, workers: int, skip_bad: bool,
+                   progress: Callable[[int], Any]) -> Iterator[dict[str, Any]]:
+    import multiprocessing as mp
+    from multiprocessing.connection import wait as wait_ready
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    if method == "fork":
+        _prepare_fork()
+    ctx = mp.get_context(method)
+    next_task = ctx.Value("q", 0)
+    procs: list[Any] = []
+    open_pipes: dict[Any, Any] = {}  # receiving end -> its worker, until the worker is done
+    try:
+        for _ in range(workers):
+            receiver, sender = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker_main, daemon=True,
+                               args=(sender, next_task, tasks, fn, source, out, skip_bad))
+            proc.start()
+            sender.close()  # later workers must not inherit it: EOF means this one is done
+            procs.append(proc)
+            open_pipes[receiver] = proc
+        while open_pipes:
+            for pipe in wait_ready(list(open_pipes)):
+                try:
+                    kind, value = pipe.recv()
+                except EOFError:
+                    proc = open_pipes.pop(pipe)
+                    pipe.close()
+                    proc.join()
+                    if proc.exitcode:
+                        raise DataError(f"{out}: a conversion worker died (exit code "
+                                        f"{proc.exitcode}); run again to resume") from None
+                    continue
+                if kind == "error":
+                    raise value
+                progress(value["shard"])
+                yield value
+    finally:
+        with next_task.get_lock():
+            next_task.value = len(tasks)  # no new shard starts; running ones finish
+        while open_pipes:  # keep reading, or a worker blocks sending a large result
+            for pipe in wait_ready(list(open_pipes)):
+                try:
+                    pipe.recv()
+                except (EOFError, OSError):
+                    open_pipes.pop(pipe)
+                    pipe.close()
+        for proc in procs:
+            proc.join()
+
+
+def _worker_main(pipe: Any, next_task: Any, tasks: list[tuple[int, int, int]],
+                 fn: Callable[..., dict[str, Any]], source: Any, out: str,
+                 skip_bad: bool) -> None:
+    """A worker process: run tasks until none are left, sending each result (or the error)."""
+    _init_worker(source)
+    try:
+        while True:
+            with next_task.get_lock():
+                index = next_task.value
+                next_task.value = index + 1
+            if index >= len(tasks):
+                return
+            shard, start, stop = tasks[index]
+            pipe.send(("result", fn(out, shard, start, stop, skip_bad)))
+    except BaseException as exc:  # reported to the parent, which raises it
+        try:
+            pipe.send(("error", exc))
+        except Exception:  # an exception that does not pickle
+            pipe.send(("error", DataError(f"{out}: conversion worker failed: {exc!r}")))
+    finally:
+        pipe.close()
 
 
 def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000,
