@@ -96,6 +96,12 @@ def check_image_bytes(payload: bytes | memoryview, where: Any, key: int | None =
 # Sample sources (picklable; each worker process opens its own file handles)
 
 
+_JPEG_HEAD = np.frombuffer(b"\xff\xd8\xff", np.uint8)
+_JPEG_END = np.frombuffer(b"\xff\xd9", np.uint8)
+_PNG_HEAD = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
+_PNG_END = np.frombuffer(b"IEND", np.uint8)  # then the chunk's 4-byte CRC
+
+
 class RecSamples:
     """Images of a ``.rec`` dataset, addressed by position in ``image_keys()``."""
 
@@ -146,28 +152,29 @@ class RecSamples:
               ) -> SampleBlock:
         """Samples ``start:stop`` with payloads as zero-copy views into the ``.rec`` mapping.
 
-        Headers are parsed and JPEG signatures checked for the whole block with array
-        operations; only records off that fast path (multipart, PNG, damaged, an end
-        marker not in the last two bytes) take :meth:`get`, which gives the same bytes or
-        raises the same error as before.
+        Headers are parsed and image signatures checked for the whole block with array
+        operations; only records off that fast path (multipart, damaged, under 16 bytes,
+        a JPEG end marker not in the last two bytes or a PNG ``IEND`` not in the last
+        chunk) take :meth:`get`, which gives the same bytes or raises the same error.
         """
         keys = self.keys[start:stop]
         starts, ends, flags, labels, fast = self.reader.image_spans(keys)
         view = self.reader.view()
+        exts = np.full(len(keys), b"jpg", "S3")
         if len(keys):
             data = np.frombuffer(view, np.uint8)
             try:
-                fast &= ends - starts >= 4
-                first = np.where(fast, starts, 0)
-                last = np.where(fast, ends - 2, 0)
-                fast &= ((data[first] == 0xFF) & (data[first + 1] == 0xD8)
-                         & (data[first + 2] == 0xFF) & (data[last] == 0xFF)
-                         & (data[last + 1] == 0xD9))
+                fast &= ends - starts >= 16
+                head = data[np.where(fast, starts, 0)[:, None] + np.arange(8)]
+                tail = data[np.where(fast, ends - 8, 0)[:, None] + np.arange(8)]
             finally:
                 del data  # the mapping cannot close while an array exports it
+            jpeg = (head[:, :3] == _JPEG_HEAD).all(axis=1) & (tail[:, 6:] == _JPEG_END).all(axis=1)
+            png = fast & (head == _PNG_HEAD).all(axis=1) & (tail[:, :4] == _PNG_END).all(axis=1)
+            exts[png] = b"png"
+            fast &= jpeg | png
         payloads: list[Any] = [view[a:b] for a, b in zip(starts.tolist(), ends.tolist(),
                                                           strict=True)]
-        exts = np.full(len(keys), b"jpg", "S3")
         sizes = ends - starts
         slow = np.flatnonzero(~fast)
         if not len(slow):
