@@ -164,3 +164,26 @@ def test_a_dying_worker_is_a_data_error_and_the_run_resumes(tmp_path, monkeypatc
     rec2shards(tmp_path, out, shard_size=2, workers=2, skip_bad=True)
     tars, _ = _reference_shards(tmp_path, 2)
     assert {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))} == tars
+
+
+def test_member_texts_by_digits_equal_the_formatted_ones():
+    rng = np.random.default_rng(0)
+    edges = np.array([0, 1, 9, 10, 99, 100, 999_999, 10**6, 10**18 - 1, 10**18,
+                      np.iinfo(np.int64).max], np.int64)
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        top = 10 ** int(rng.integers(1, 19))
+        keys = np.concatenate([rng.choice(edges, n), rng.integers(0, top, n)])
+        labels = rng.permutation(np.concatenate([rng.choice(edges, n), rng.integers(0, 10**5, n)]))
+        flags = rng.choice(np.array([0, 1, 2, 10, 4294967295], np.int64), 2 * n)
+        exts = rng.choice(np.array([b"jpg", b"png"], "S3"), 2 * n)
+        fast = shards_mod.member_texts_by_digits(keys, labels, flags, exts)
+        slow = shards_mod.member_texts_formatted(keys, labels, flags, exts)
+        for got, want in zip(fast[:3], slow[:3], strict=True):
+            width = max(got.shape[1], want.shape[1])
+            pad = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in (got, want)]
+            assert np.array_equal(*pad)
+        assert np.array_equal(fast[3], slow[3])
+    negative = np.array([-1], np.int64)
+    assert shards_mod.member_texts_by_digits(negative, negative, np.zeros(1, np.int64),
+                                             np.array([b"jpg"], "S3")) is None
