@@ -204,8 +204,9 @@ def decode_batch(read: Any, rows: list[int], flips: list[bool], out: np.ndarray,
 
     The same three OpenCV calls per image with the per-image Python trimmed to the
     minimum (OpenCV functions bound once, the expected size checked in one comparison);
-    anything unusual goes through :func:`decode_into`. Saves about 2 us of the ~25 us
-    per image the loader spends beyond ``cv2.imdecode`` (of which ``cv2.split`` is ~12).
+    anything unusual goes through :func:`decode_into`. That saves about 2 us per image
+    of the ~15 us the loader adds to ``cv2.imdecode``'s ~150 us (``cv2.split`` is about
+    half of it; bench/p3_loader.py measures the parts).
     """
     import cv2
 
