@@ -215,10 +215,6 @@ def _init_worker(source: Any) -> None:
     _SOURCE = source
 
 
-def _sample_json(key: int, label: int, flag: int) -> bytes:
-    return b'{"label": %d, "key": %d, "flag": %d}' % (label, key, flag)
-
-
 _HEADER_ROW = np.frombuffer(tar_header(b"", 0), np.uint8)  # template for a block of headers
 _BATCH = 512  # samples per block: hashed, framed and written together (2 writev calls)
 _IOV_MAX = 1024  # iovecs per os.writev call (Linux's IOV_MAX)
@@ -416,12 +412,16 @@ def _writev_all(fd: int, buffers: list[Any]) -> None:
     """``os.writev`` of every buffer in IOV_MAX-sized calls, finishing short writes."""
     for lo in range(0, len(buffers), _IOV_MAX):
         chunk = buffers[lo:lo + _IOV_MAX]
-        want = sum(map(len, chunk))
-        done = os.writev(fd, chunk)
-        if done < want:  # rare (signals, full disk): write the rest plainly
-            rest = memoryview(b"".join(chunk))[done:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
+        if not hasattr(os, "writev"):  # Windows
+            rest = memoryview(b"".join(chunk))
+        else:
+            want = sum(map(len, chunk))
+            done = os.writev(fd, chunk)
+            if done == want:
+                continue
+            rest = memoryview(b"".join(chunk))[done:]  # rare (signals, full disk)
+        while rest:
+            rest = rest[os.write(fd, rest):]
 
 
 def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
