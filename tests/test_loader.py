@@ -200,6 +200,13 @@ def test_normalise_batch_of_loader_batches_equals_arithmetic(shards_dir):
         assert torch.equal(floats, want)
 
 
+def test_normalise_batch_moves_to_the_device_first():
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    moved = normalise_batch(images, "meta")  # a non-CPU device: the torch arithmetic path
+    assert moved.device.type == "meta" and moved.dtype == torch.float32
+    assert moved.shape == images.shape
+
+
 def test_normalise_batch_passes_floats_through():
     floats = torch.rand(2, 3, 4, 4) * 2 - 1
     assert normalise_batch(floats, "cpu") is floats
