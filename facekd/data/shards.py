@@ -281,22 +281,27 @@ _OCTAL_SHIFTS = 3 * np.arange(10, -1, -1, dtype=np.int64)  # 11 octal digits of 
 _CHECKSUM_SHIFTS = 3 * np.arange(5, -1, -1, dtype=np.int64)  # 6 octal digits
 
 
-def _fill_headers(out: np.ndarray, name_bytes: np.ndarray, sizes: np.ndarray) -> None:
+def _fill_headers(out: np.ndarray, name_bytes: np.ndarray, sizes: np.ndarray,
+                  template: bool = True) -> None:
     """Write ustar headers into the (m, 512) uint8 view ``out`` (rows may be strided).
 
     ``name_bytes`` is (m, w <= 100) NUL-padded. The octal size and checksum fields come
     from array arithmetic, the checksum from the name and size bytes only (every other
     field is constant): per-header string formatting was the largest cost per sample.
+    With ``template=False`` the rows already hold a header whose name beyond ``w`` bytes
+    is NUL, and only the name, size and checksum fields are written.
     """
-    out[:] = _HEADER_ROW
+    if template:
+        out[:] = _HEADER_ROW
     out[:, :name_bytes.shape[1]] = name_bytes
     size_digits = 48 + ((sizes[:, None] >> _OCTAL_SHIFTS) & 7)
     out[:, 124:135] = size_digits
     checksum = (_BASE_SUM + name_bytes.sum(axis=1, dtype=np.int64)
                 + size_digits.sum(axis=1))
     out[:, 148:154] = 48 + ((checksum[:, None] >> _CHECKSUM_SHIFTS) & 7)
-    out[:, 154] = 0
-    out[:, 155] = 32
+    if template:
+        out[:, 154] = 0
+        out[:, 155] = 32
 
 
 def _name_bytes(strings: np.ndarray) -> np.ndarray:
@@ -305,6 +310,8 @@ def _name_bytes(strings: np.ndarray) -> np.ndarray:
 
 
 MemberTexts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_NAME_WIDTH = 32  # member names: up to 20 digits and a sign, a dot, an extension
+_BODY_WIDTH = 128  # json bodies: three int64 values and 30 bytes of keys and punctuation
 
 
 def member_texts_formatted(keys: np.ndarray, labels: np.ndarray, flags: np.ndarray,
@@ -316,9 +323,9 @@ def member_texts_formatted(keys: np.ndarray, labels: np.ndarray, flags: np.ndarr
     stems = keys.astype("S20")
     bodies = [b'{"label": %d, "key": %d, "flag": %d}' % sample
               for sample in zip(labels.tolist(), keys.tolist(), flags.tolist(), strict=True)]
-    return (_name_bytes(np.char.add(np.char.add(stems, b"."), exts)),
-            _name_bytes(np.char.add(stems, b".json")),
-            _name_bytes(np.array(bodies, f"S{_BLOCK}")),
+    return (_name_bytes(np.char.add(np.char.add(stems, b"."), exts).astype(f"S{_NAME_WIDTH}")),
+            _name_bytes(np.char.add(stems, b".json").astype(f"S{_NAME_WIDTH}")),
+            _name_bytes(np.array(bodies, f"S{_BODY_WIDTH}")),
             np.fromiter(map(len, bodies), np.int64, len(bodies)))
 
 
@@ -349,9 +356,9 @@ def member_texts_by_digits(keys: np.ndarray, labels: np.ndarray, flags: np.ndarr
         return None
     code = (_digit_counts(labels) * 32 + _digit_counts(keys)) * 32 + _digit_counts(flags)
     groups, group_of = np.unique(code, return_inverse=True)
-    image_names = np.zeros((n, 24), np.uint8)
-    json_names = np.zeros((n, 24), np.uint8)
-    bodies = np.zeros((n, 96), np.uint8)
+    image_names = np.zeros((n, _NAME_WIDTH), np.uint8)
+    json_names = np.zeros((n, _NAME_WIDTH), np.uint8)
+    bodies = np.zeros((n, _BODY_WIDTH), np.uint8)
     body_sizes = np.empty(n, np.int64)
     exts = np.frombuffer(np.ascontiguousarray(exts, "S3").tobytes(), np.uint8).reshape(n, 3)
     for g, group in enumerate(groups.tolist()):
@@ -387,30 +394,44 @@ def _block_iovecs(block: SampleBlock, pos: int
     """
     n = len(block.keys)
     sizes = block.sizes
-    rows = np.zeros((n, _ROW), np.uint8)
     texts = member_texts_by_digits(block.keys, block.labels, block.flags, block.exts)
     if texts is None:
         texts = member_texts_formatted(block.keys, block.labels, block.flags, block.exts)
     image_names, json_names, bodies, body_sizes = texts
-    _fill_headers(rows[:, _BLOCK:2 * _BLOCK], json_names, body_sizes)
-    rows[:, 2 * _BLOCK:2 * _BLOCK + bodies.shape[1]] = bodies
-    image_headers = np.empty((n, _BLOCK), np.uint8)
-    _fill_headers(image_headers, image_names, sizes)
-    rows[:-1, 3 * _BLOCK:] = image_headers[1:]
+    frame = _frame_rows(n)  # row i + 1 belongs to sample i; row 0 holds the first header
+    _fill_headers(frame[1:, _BLOCK:2 * _BLOCK], json_names, body_sizes, template=False)
+    frame[1:, 2 * _BLOCK:2 * _BLOCK + _BODY_WIDTH] = bodies
+    _fill_headers(frame[:-1, 3 * _BLOCK:], image_names, sizes, template=False)
     pads = -sizes & 511
     lengths = sizes + pads + 3 * _BLOCK  # image header + image + pad + json header + body
     ends = pos + np.cumsum(lengths)
     offsets = ends - lengths + _BLOCK
-    row_starts = np.arange(n, dtype=np.int64) * _ROW
+    row_starts = np.arange(1, n + 1, dtype=np.int64) * _ROW
     gap_starts = (row_starts + _BLOCK - pads).tolist()
     gap_ends = (row_starts + _ROW).tolist()
     gap_ends[-1] -= _BLOCK  # the next image header belongs to the next block
-    flat = memoryview(rows.reshape(-1))
+    flat = memoryview(frame.reshape(-1))
     buffers: list[Any] = [None] * (2 * n + 1)
-    buffers[0] = memoryview(image_headers[0])
+    buffers[0] = flat[3 * _BLOCK:_ROW]
     buffers[1::2] = block.payloads
     buffers[2::2] = [flat[a:b] for a, b in zip(gap_starts, gap_ends, strict=True)]
     return buffers, offsets, int(ends[-1])
+
+
+_FRAMES: dict[str, np.ndarray] = {}  # this process's frame buffer, reused block after block
+
+
+def _frame_rows(n: int) -> np.ndarray:
+    """(n + 1, 2048) rows: zeros (padding source), json header, json body, next image
+    header. Kept between blocks so the constant header bytes and the zeros are written
+    once per process; each block overwrites only names, sizes, checksums and bodies."""
+    frame = _FRAMES.get("rows")
+    if frame is None or len(frame) < n + 1:
+        frame = np.zeros((max(n, _BATCH) + 1, _ROW), np.uint8)
+        frame[:, _BLOCK:2 * _BLOCK] = _HEADER_ROW
+        frame[:, 3 * _BLOCK:] = _HEADER_ROW
+        _FRAMES["rows"] = frame
+    return frame[:n + 1]
 
 
 def _writev_all(fd: int, buffers: list[Any]) -> None:
