@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     result = {
-        "benchmark": "p6_latency", "arch": args.arch,
+        "benchmark": "p6_latency", "arch": card["model"]["arch"],
         "weights": args.checkpoint or "random (seed 0), PReLU slopes U(-0.2, 1.3)",
         "params": card["model"]["params"], "macs": card["model"]["macs"],
         "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         "int8_settings": card["variants"]["int8"]["quantization"],
         "int8_prev_settings": {k: v for k, v in prev_settings.items() if k != "excluded_nodes"},
         "fp32_rewrites": rewrites,
+        "command": " ".join([".venv/bin/python -m bench.p6_latency",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "op_profile_ms": profiles,
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
                     "load_average_1m": os.getloadavg()[0], "torch": torch.__version__,
@@ -350,9 +353,8 @@ def _markdown(r: dict) -> str:
                                                    for p in profiles.values()) + " |")
         lines.append("| total | " + " | ".join(f"{sum(p.values()):.2f}"
                                                 for p in profiles.values()) + " |")
-    lines += ["", "Command: `.venv/bin/python -m bench.p6_latency"
-              + (f" --arch {r['arch']}" if r["arch"] != "mbf" else "")
-              + (f" --threads {r['threads']}" if r["threads"] != 1 else "") + "`", ""]
+    lines += ["", f"Command: `{r.get('command') or '.venv/bin/python -m bench.p6_latency'}`",
+              ""]
     return "\n".join(lines)
 
 
