@@ -95,6 +95,24 @@ def test_image_spans_agree_with_read_image(tmp_path):
     reader.close()
 
 
+@pytest.mark.parametrize("layout", ["insightface_layout", "plain_im2rec", "multipart"])
+def test_image_spans_agree_with_read_image_on_the_fixtures(layout):
+    reader = open_rec(FIXTURES / layout)
+    keys = reader.image_keys()
+    starts, ends, flags, labels, simple = reader.image_spans(keys)
+    view = reader.view()
+    offset_of = dict(zip(reader.keys().tolist(), reader.offsets().tolist(), strict=True))
+    for i, key in enumerate(keys.tolist()):
+        multipart = view[offset_of[key] + 7] >> 5 != 0  # cflag: top bits of the length
+        assert simple[i] != multipart
+        if simple[i]:
+            assert (int(flags[i]), int(labels[i]), bytes(view[starts[i]:ends[i]])) == \
+                reader.read_image(key)
+    assert simple.any()
+    del view
+    reader.close()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_shards_equal_a_member_by_member_reference(tmp_path, monkeypatch, workers):
     names = _mixed_rec(tmp_path)
