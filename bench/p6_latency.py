@@ -10,8 +10,8 @@ and each onnxruntime file. Two more files put the INT8 gain in context:
 * ``onnx_int8_prev``: the previous INT8 recipe (plain QDQ; PRelu, grouped and depthwise
   convolutions FP32), to show what the current recipe (every layer INT8) changes;
 * ``onnx_fp32_rewritten``: the FP32 file with the same exact graph algebra the INT8
-  recipe uses (grouped conv split, slopes folded, PRelu as Max(x, a*x)), so the INT8 gain
-  is not credited with what the rewrites alone give.
+  recipe uses (grouped conv split, slopes folded, stem input padded to 4 channels, PRelu
+  as Max(x, a*x)), so the INT8 gain is not credited with what the rewrites alone give.
 
 Timings are interleaved round-robin (one call of each engine per round, order rotated)
 so machine load hits every engine alike; the table reports wall and CPU-time
@@ -172,6 +172,7 @@ def _rewritten_fp32(src: Path, dst: Path) -> dict:
     model_proto = onnx.load(str(src))
     done = {"prelu_slopes_folded": quant.fold_prelu_slopes_above_one(model_proto),
             "grouped_convs_split": quant.split_grouped_convs(model_proto),
+            "conv_inputs_padded": quant.pad_conv_input_channels(model_proto),
             "prelu_as_max": quant.prelu_as_max(model_proto)}
     onnx.save(model_proto, str(dst))
     return done
@@ -333,7 +334,8 @@ def _markdown(r: dict) -> str:
         "", "Engines: `onnx_int8` is the shipped recipe (`facekd export onnx --int8`: "
         f"{s.get('recipe')}; {s.get('grouped_convs_split', 0)} grouped conv split into "
         f"depthwise convs, {s.get('prelu_slopes_folded', 0)} PRelus with slopes > 1 folded "
-        f"into their neighbours, {s.get('prelu_int8', 0)} PRelus as "
+        f"into their neighbours, {s.get('conv_inputs_padded', 0)} conv input zero-padded "
+        f"from 3 to 4 channels, {s.get('prelu_int8', 0)} PRelus as "
         f"Max(q, slope * q) on uint8 with the slope product as a 1x1 depthwise QLinearConv, "
         f"{s.get('prelu_fp32', 0)} left FP32); `onnx_int8_prev` is the previous recipe "
         "(plain QDQ, PRelu/grouped/depthwise convs FP32); `onnx_fp32_rewritten` is the FP32 "

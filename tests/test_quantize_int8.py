@@ -64,6 +64,7 @@ def test_fp32_rewrites_are_exact(fp32_file, faces):
     prelus = sum(n.op_type == "PRelu" for n in model_proto.graph.node)
     assert quantize.fold_prelu_slopes_above_one(model_proto) == prelus   # all have slopes > 1
     assert quantize.split_grouped_convs(model_proto) == 1
+    assert quantize.pad_conv_input_channels(model_proto) == 1     # the 3-channel stem
     onnx.checker.check_model(model_proto)
     for node in model_proto.graph.node:
         if node.op_type == "PRelu":
@@ -91,6 +92,7 @@ def test_int8_runs_every_prelu_in_int8(fp32_file, faces, tmp_path, slope_op):
     assert settings["prelu_fp32"] == 0 and settings["prelu_int8"] > 0
     assert not [n for n in model_proto.graph.node if n.op_type == "PRelu"]
     assert settings["grouped_convs_split"] == 1 and settings["prelu_slopes_folded"] > 0
+    assert settings["conv_inputs_padded"] == 1
     optimized = tmp_path / "optimized.onnx"
     fused = _run(out, faces, optimized=optimized)
     # onnxruntime runs the whole network as INT8 ops: no FP32 Conv or PRelu left after fusion,
