@@ -205,3 +205,17 @@ def test_member_texts_by_digits_equal_the_formatted_ones():
     negative = np.array([-1], np.int64)
     assert shards_mod.member_texts_by_digits(negative, negative, np.zeros(1, np.int64),
                                              np.array([b"jpg"], "S3")) is None
+
+
+def test_image_keys_missing_from_the_index_are_skipped_one_by_one(tmp_path):
+    source = FIXTURES / "insightface_layout"
+    for name in ("train.rec", "property"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    lines = (source / "train.idx").read_text().splitlines()
+    (tmp_path / "train.idx").write_text("".join(f"{line}\n" for line in lines
+                                                if line.split("\t")[0] != "5"))
+    with pytest.raises(DataError, match="no record with key 5"):
+        rec2shards(tmp_path, tmp_path / "stop", shard_size=8, workers=1)
+    summary = rec2shards(tmp_path, tmp_path / "skip", shard_size=8, workers=1, skip_bad=True)
+    assert summary["samples"] == 59 and summary["bad_records"] == 1
+    assert "no record with key 5" in summary["bad_examples"][0]

@@ -163,7 +163,10 @@ class RecSamples:
         chunk) take :meth:`get`, which gives the same bytes or raises the same error.
         """
         keys = self.keys[start:stop]
-        starts, ends, flags, labels, fast = self.reader.image_spans(keys)
+        try:
+            starts, ends, flags, labels, fast = self.reader.image_spans(keys)
+        except DataError:  # a key missing from the .idx: let get() name it (or skip it)
+            return samples_block(self, start, stop, skip_bad, bad)
         view = self.reader.view()
         exts = np.full(len(keys), b"jpg", "S3")
         if len(keys):
