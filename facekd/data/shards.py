@@ -616,6 +616,8 @@ def _run(tasks: Sequence[tuple[int, int, int]], fn: Callable[..., dict[str, Any]
 def _run_processes(tasks: list[tuple[int, int, int]], fn: Callable[..., dict[str, Any]],
                    source: Any, out: str, workers: int, skip_bad: bool,
                    progress: Callable[[int], Any]) -> Iterator[dict[str, Any]]:
+    """Results of ``tasks`` run by ``workers`` processes (forked where possible: they
+    share the parent's mapped source and imports), in completion order."""
     import multiprocessing as mp
     from multiprocessing.connection import wait as wait_ready
 
