@@ -177,9 +177,11 @@ def main() -> None:
              f"Goal <= 4x copy (wall) with 2 workers: measured {ratio:.2f}x "
              f"({'met' if ratio <= 4 else 'NOT met'}); CPU-time ratio "
              f"{min(cpus['facekd rec2shards, 2 workers']) / copy_c:.2f}x.",
-             "CPU s = user + system time of the process and its worker processes: the work "
-             "done, which a busy shared machine does not inflate (with 2 idle cores the "
-             "2-worker wall time approaches CPU s / 2 plus process start-up).",
+             "CPU s = user + system time of the process and its worker processes (rusage): "
+             "the work done, far less sensitive to a busy machine than wall time, though "
+             "contention for caches and memory bandwidth still inflates it (the sha1 row "
+             "shows by how much). With 2 idle cores the 2-worker wall time approaches the "
+             "2-worker CPU s / 2 plus process start-up.",
              "facekd times include the sha1 of every image, manifest.parquet and dataset.json; "
              "the sha1 row is that hashing alone, the floor of any conversion that hashes.",
              "CPU s of the 1-worker write loop by step (best of 3 passes, process time): " +
