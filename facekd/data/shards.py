@@ -101,8 +101,6 @@ def check_image_bytes(payload: bytes | memoryview, where: Any, key: int | None =
 # Sample sources (picklable; each worker process opens its own file handles)
 
 
-_JPEG_HEAD = np.frombuffer(b"\xff\xd8\xff", np.uint8)
-_JPEG_END = np.frombuffer(b"\xff\xd9", np.uint8)
 _PNG_HEAD = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
 _PNG_END = np.frombuffer(b"IEND", np.uint8)  # then the chunk's 4-byte CRC
 
@@ -173,12 +171,17 @@ class RecSamples:
             data = np.frombuffer(view, np.uint8)
             try:
                 fast &= ends - starts >= 16
-                head = data[np.where(fast, starts, 0)[:, None] + np.arange(8)]
-                tail = data[np.where(fast, ends - 8, 0)[:, None] + np.arange(8)]
+                first, end = np.where(fast, starts, 0), np.where(fast, ends, 16)
+                jpeg = ((data[first] == 0xFF) & (data[first + 1] == 0xD8)
+                        & (data[first + 2] == 0xFF) & (data[end - 2] == 0xFF)
+                        & (data[end - 1] == 0xD9))
+                other = np.flatnonzero(fast & ~jpeg)  # usually none: PNG datasets
+                head = data[first[other, None] + np.arange(8)]
+                tail = data[end[other, None] - 8 + np.arange(4)]
             finally:
                 del data  # the mapping cannot close while an array exports it
-            jpeg = (head[:, :3] == _JPEG_HEAD).all(axis=1) & (tail[:, 6:] == _JPEG_END).all(axis=1)
-            png = fast & (head == _PNG_HEAD).all(axis=1) & (tail[:, :4] == _PNG_END).all(axis=1)
+            png = np.zeros_like(jpeg)
+            png[other] = (head == _PNG_HEAD).all(axis=1) & (tail == _PNG_END).all(axis=1)
             exts[png] = b"png"
             fast &= jpeg | png
         payloads: list[Any] = [view[a:b] for a, b in zip(starts.tolist(), ends.tolist(),
