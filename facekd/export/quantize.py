@@ -4,6 +4,10 @@ INT8 quantisation of face embedders is known to destroy accuracy silently (cosin
 vs FP32 has been reported), so a variant is only kept when its embeddings still point
 the same way as torch's on the parity faces and, given a ``.bin`` set, its verification
 accuracy is within ``max_drop`` of the FP32 file's.
+
+The INT8 recipe rewrites the graph (exactly, before calibration) so that every layer,
+PRelu and the grouped stem convolution included, runs as onnxruntime INT8 kernels in one
+NHWC chain; see "INT8 graph rewrites" below and bench/p6_latency.py for the measurements.
 """
 
 from __future__ import annotations
@@ -295,16 +299,15 @@ class _Initializers:
 
 
 def _channel_slopes(inits: _Initializers, name: str, channels: int) -> np.ndarray | None:
-    """A PRelu slope as one float per channel, or None if it is not a per-channel constant."""
+    """A PRelu slope as one float per channel of an NCHW input, or None if it is not a
+    constant of shape [], [1], [C, 1, 1] or [1, C, 1, 1]."""
     slope = inits.array(name)
     if slope is None:
         return None
     slope = slope.astype(np.float32)
     if slope.size == 1:
         return np.full(channels, float(slope.reshape(-1)[0]), np.float32)
-    if slope.size != channels or slope.reshape(-1).shape[0] != channels:
-        return None
-    if slope.ndim == 3 and slope.shape[1:] != (1, 1):
+    if slope.shape not in ((channels, 1, 1), (1, channels, 1, 1)):
         return None
     return slope.reshape(-1)
 
@@ -336,9 +339,7 @@ def fold_prelu_slopes_above_one(model_proto: Any) -> int:
             continue
         if len(conv.input) > 2 and conv.input[2] and not inits.private(conv.input[2]):
             continue
-        if any(not inits.private(r.input[1]) or (len(r.input) > 2 and r.input[2]
-                                                   and r.input[2] not in inits.protos)
-               for r in readers):
+        if any(not inits.private(r.input[1]) for r in readers):
             continue
         flip = slope > 1
         weight = weight.copy()
@@ -562,8 +563,7 @@ def quantized_prelus(model_proto: Any, slope_op: str = "conv") -> int:
         tag = prelu.name or prelu.output[0]
         scaled, result = f"{tag}_facekd_ax", f"{tag}_facekd_q"
         replacements[id(prelu)] = [
-            _slope_node(inits, tag, slope, prelu, (q_name, scale_name, zp_name), scaled,
-                        slope_op),
+            _slope_node(inits, tag, slope, (q_name, scale_name, zp_name), scaled, slope_op),
             helper.make_node("Max", [q_name, scaled], [result], name=f"{tag}_Max")]
         for dq in dequantizers:
             dq.input[0], dq.input[1], dq.input[2] = result, scale_name, zp_name
@@ -587,8 +587,7 @@ def quantized_prelus(model_proto: Any, slope_op: str = "conv") -> int:
     return len(replacements)
 
 
-
-def _slope_node(inits: _Initializers, tag: str, slope: np.ndarray, prelu: Any,
+def _slope_node(inits: _Initializers, tag: str, slope: np.ndarray,
                 quantized_input: tuple[str, str, str], output: str, slope_op: str) -> Any:
     """The node computing slope * x on the uint8 tensor, quantised like its input."""
     from onnx import helper
