@@ -122,3 +122,21 @@ def test_previous_recipe_and_unknown_recipe(fp32_file, faces, tmp_path):
     with pytest.raises(FacekdError, match="recipe"):
         quantize.quantize_int8(fp32_file, tmp_path / "x.onnx", faces[:8],
                                normalize_inside=False, recipe="fastest")
+
+
+def test_shared_weights_behind_identity_nodes_are_rewritten(faces, tmp_path):
+    """Default BatchNorm statistics give equal folded biases, which the exporter shares
+    through Identity nodes; the recipe still rewrites every PRelu (on private copies)."""
+    torch.manual_seed(5)
+    model = create_model("mbf_tiny").eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.PReLU):
+            module.weight.data.uniform_(-0.3, 1.6)
+    src = tmp_path / "shared.onnx"
+    trace_to_onnx(model, src)
+    assert any(n.op_type == "Identity" for n in onnx.load(str(src)).graph.node)
+    out = tmp_path / "shared.int8.onnx"
+    settings = quantize.quantize_int8(src, out, faces[:8], normalize_inside=False)
+    assert settings["prelu_fp32"] == 0 and settings["prelu_slopes_folded"] > 0
+    assert _one_minus_cos(_run(out, faces), _run(src, faces)) < \
+        parity.INT8_THRESHOLDS.max_one_minus_cos

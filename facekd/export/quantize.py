@@ -179,21 +179,22 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, *, normalize_inside: 
         "recipe": recipe, "format": "QDQ", "weights": "int8 per-channel",
         "activations": "uint8", "calibration": "MinMax", "calibration_images": len(calib)}
     with tempfile.TemporaryDirectory(prefix="facekd-int8-") as work:
-        source, pre = Path(work) / "source.onnx", Path(work) / "pre.onnx"
+        pre = Path(work) / "pre.onnx"
         excluded = list(exclude_nodes or [])
-        if recipe == "prelu-int8":
-            model_proto = onnx.load(str(src))
-            settings["prelu_slopes_folded"] = fold_prelu_slopes_above_one(model_proto)
-            settings["grouped_convs_split"] = split_grouped_convs(model_proto)
-            settings["conv_inputs_padded"] = pad_conv_input_channels(model_proto)
-            # The channel Pad runs on the float input, before the one QuantizeLinear.
-            excluded += [n.name for n in model_proto.graph.node
-                         if n.op_type == "Pad" and n.name.endswith("_facekd_pad")]
-            onnx.save(model_proto, str(source))
-        else:
-            source = Path(src)
         with contextlib.redirect_stdout(None):
-            quant_pre_process(str(source), str(pre), skip_symbolic_shape=False)
+            # onnxruntime's basic optimisations first: constant folding removes the
+            # Identity nodes the exporter puts in front of shared weights, so the rewrites
+            # below see every weight as an initializer.
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            if recipe == "prelu-int8":
+                model_proto = onnx.load(str(pre))
+                settings["prelu_slopes_folded"] = fold_prelu_slopes_above_one(model_proto)
+                settings["grouped_convs_split"] = split_grouped_convs(model_proto)
+                settings["conv_inputs_padded"] = pad_conv_input_channels(model_proto)
+                # The channel Pad runs on the float input, before the one QuantizeLinear.
+                excluded += [n.name for n in model_proto.graph.node
+                             if n.op_type == "Pad" and n.name.endswith("_facekd_pad")]
+                onnx.save(model_proto, str(pre))
             if recipe == "qdq-dw-fp32":
                 # onnxruntime's INT8 grouped convolution is much slower than its FP32 one
                 # and this recipe's PRelus break the NHWC chain, so these stay FP32.
@@ -283,6 +284,19 @@ class _Initializers:
         """True when exactly one node reads the initializer (editing it changes nothing else)."""
         return name in self.protos and self.uses.get(name, 0) == 1
 
+    def own(self, node: Any, index: int) -> str | None:
+        """The name of a private copy of ``node.input[index]`` (rewired), or None if that
+        input is not an initializer; shared initializers are copied, never edited."""
+        name = node.input[index] if index < len(node.input) else ""
+        if not name or name not in self.protos:
+            return None
+        if not self.private(name):
+            self.uses[name] -= 1
+            copy = self.add(f"{name}_facekd_{node.name or node.output[0]}", self.array(name))
+            node.input[index] = copy
+            return copy
+        return name
+
     def set(self, name: str, value: np.ndarray) -> None:
         from onnx import numpy_helper
 
@@ -332,15 +346,18 @@ def fold_prelu_slopes_above_one(model_proto: Any) -> int:
                 r.op_type != "Conv" or r.input[0] != prelu.output[0] for r in readers):
             continue
         weight = inits.array(conv.input[1])
-        if weight is None or not inits.private(conv.input[1]):
+        if weight is None or any(inits.array(r.input[1]) is None for r in readers):
+            continue
+        if len(conv.input) > 2 and conv.input[2] and inits.array(conv.input[2]) is None:
             continue
         slope = _channel_slopes(inits, prelu.input[1], weight.shape[0])
         if slope is None or not (slope > 1).any():
             continue
-        if len(conv.input) > 2 and conv.input[2] and not inits.private(conv.input[2]):
-            continue
-        if any(not inits.private(r.input[1]) for r in readers):
-            continue
+        inits.own(conv, 1)
+        if len(conv.input) > 2 and conv.input[2]:
+            inits.own(conv, 2)
+        for reader in readers:
+            inits.own(reader, 1)
         flip = slope > 1
         weight = weight.copy()
         weight[flip] *= -1
@@ -471,12 +488,13 @@ def pad_conv_input_channels(model_proto: Any, multiple: int = 4, below: int = 16
         if conv.op_type != "Conv" or int(_node_attr(conv, "group", 1)) != 1:
             continue
         weight = inits.array(conv.input[1])
-        if weight is None or weight.ndim != 4 or not inits.private(conv.input[1]):
+        if weight is None or weight.ndim != 4:
             continue
         channels = weight.shape[1]
         extra = -channels % multiple
         if extra == 0 or channels >= below:
             continue
+        inits.own(conv, 1)
         padded_weight = np.concatenate(
             [weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], 1)
         inits.set(conv.input[1], padded_weight)
