@@ -276,6 +276,10 @@ class Trainer:
         # so loader stand-ins without the option keep working
         grouped = ({"images_per_identity": r.data.images_per_identity}
                    if r.data.images_per_identity != 1 else {})
+        # float input batches recycled step to step (BufferPool: no fresh pages per step)
+        from facekd.data.loader import BufferPool
+
+        self._input_pool = BufferPool()
         self.loader = build_train_loader(r.data.train, r.data.batch_size, labelled=True,
                                          **common, **grouped)
         self.num_classes = int(self.loader.num_classes)
@@ -617,12 +621,13 @@ class Trainer:
         from facekd.distill import StudentOutput
 
         dev = self.device
-        images = normalise_batch(batch["image"], dev)
+        images = normalise_batch(batch["image"], dev, self._input_pool)
         labels = batch["label"].to(dev, non_blocking=True).long()
         keys, flipped = batch["key"], batch["flipped"]
         n_labelled = images.shape[0]
         if unlabelled is not None:
-            images = torch.cat([images, normalise_batch(unlabelled["image"], dev)])
+            images = torch.cat([images, normalise_batch(unlabelled["image"], dev,
+                                                        self._input_pool)])
             labels = torch.cat([labels, torch.full((unlabelled["image"].shape[0],), -1,
                                                    dtype=torch.long, device=dev)])
             keys = torch.cat([torch.as_tensor(keys), torch.as_tensor(unlabelled["key"])])
