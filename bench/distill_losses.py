@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("feature (cosine)", "feature", {}, labels),
         ("rkd", "rkd", {}, labels),
         ("refilled (both stages, 4 img/id)", "refilled", {}, grouped),
-        ("frskd (self-teacher width 64, default)", "frskd", {}, labels),
-        ("frskd (self-teacher width 128)", "frskd", {"width": 128}, labels),
+        ("frskd (self-teacher 2x width per level, default)", "frskd", {}, labels),
+        ("frskd (self-teacher 1x width per level)", "frskd", {"width_multiplier": 1},
+         labels),
     ]
     rows = [{"case": "student step (mbf fwd+bwd, ArcFace CE)", "seconds": step_s,
              "ratio": 1.0}]

@@ -54,7 +54,7 @@ def _margin_heads(monkeypatch):
 
 
 def _frskd(**params):
-    params = {"width": 8, "gdc_size": 2, "scale": 16.0, **params}
+    params = {"gdc_size": 2, "scale": 16.0, **params}
     return create_method("frskd", student_dim=6, teacher_dim=None, num_classes=5,
                          params=params, student_feature_channels=CHANNELS)
 
@@ -80,12 +80,15 @@ def test_fusion_weights_are_normalised():
     torch.testing.assert_close(fusion([a, b]), a * 3.0 / (3.0 + 1e-4))
 
 
-def test_self_teacher_keeps_map_sizes():
-    teacher = SelfTeacher(CHANNELS, width=8, embedding_size=6, pool="gdc", gdc_size=2)
+def test_self_teacher_keeps_map_sizes_at_twice_the_width_of_every_level():
+    # official BiFPNc (--width 2): each level's channels doubled, the deepest one included
+    teacher = SelfTeacher(CHANNELS, multiplier=2, embedding_size=6, pool="gdc", gdc_size=2)
     refined, emb = teacher(_maps(3, requires_grad=False))
-    assert [tuple(r.shape) for r in refined] == [(3, 8, s, s) for s in SIZES]
+    assert [tuple(r.shape) for r in refined] == [(3, 2 * c, s, s)
+                                                 for c, s in zip(CHANNELS, SIZES, strict=True)]
     assert emb.shape == (3, 6)
-    wrong = SelfTeacher(CHANNELS, width=8, embedding_size=6, pool="gdc", gdc_size=3)
+    assert _frskd().self_teacher.widths == [8, 12, 16]
+    wrong = SelfTeacher(CHANNELS, multiplier=2, embedding_size=6, pool="gdc", gdc_size=3)
     with pytest.raises(ConfigError, match="gdc_size"):
         wrong(_maps(3, requires_grad=False))
 
@@ -96,7 +99,8 @@ def test_losses_and_where_gradients_go():
     maps = _maps()
     emb = torch.randn(4, 6, requires_grad=True)
     labels = torch.tensor([0, 3, -1, 4])
-    out = frskd(StudentOutput(emb, maps), None, labels)
+    head = _StandInHead("arcface", 6, 5, scale=16.0)
+    out = frskd(StudentOutput(emb, maps, head=head), None, labels)
     assert set(out) == {"self_ce", "attention", "soft"}
     # attention and soft are the student's lessons: refined maps and self-embedding detached
     (out["attention"] + out["soft"]).backward(retain_graph=True)
@@ -111,7 +115,7 @@ def test_losses_and_where_gradients_go():
 
 def test_soft_cosine_by_hand_and_detach_input():
     torch.manual_seed(1)
-    frskd = _frskd(detach_input=True).eval()
+    frskd = _frskd(detach_input=True, soft_target="cosine").eval()
     maps = _maps()
     emb = torch.randn(4, 6, requires_grad=True)
     out = frskd(StudentOutput(emb, maps), None, torch.tensor([0, 1, 2, 3]))
@@ -124,7 +128,8 @@ def test_soft_cosine_by_hand_and_detach_input():
 
 def test_soft_kd_uses_heads_and_unlabelled_batch():
     torch.manual_seed(2)
-    frskd = _frskd(soft_target="kd")
+    frskd = _frskd()
+    assert frskd.params.soft_target == "kd" and frskd.params.temperature == 4.0
 
     class Head(torch.nn.Module):
         def __init__(self):
@@ -160,12 +165,33 @@ def test_on_a_real_mobilefacenet_student():
     layers = registry.feature_layers(student)
     channels = registry.feature_channels(student, layers)
     frskd = create_method("frskd", student_dim=16, teacher_dim=None, num_classes=7,
-                          params={"width": 16}, student_feature_channels=channels)
+                          params={"scale": 16.0}, student_feature_channels=channels)
     with FeatureHooks(student, layers) as hooks:
         emb = student(torch.rand(2, 3, 112, 112) * 2 - 1)
         maps = hooks.ordered()
     assert [m.shape[-1] for m in maps] == [56, 28, 14, 7]
-    out = frskd(StudentOutput(emb, maps), None, torch.tensor([1, 6]))
+    head = _StandInHead("arcface", 16, 7, scale=16.0)
+    out = frskd(StudentOutput(emb, maps, head=head), None, torch.tensor([1, 6]))
     sum(out.values()).backward()
     assert all(torch.isfinite(v) for v in out.values())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_soft_kd_by_hand_at_t4():
+    torch.manual_seed(4)
+    frskd = _frskd().eval()
+    maps = _maps(requires_grad=False)
+    emb = torch.randn(4, 6)
+    w = torch.randn(5, 6)
+
+    class Head(torch.nn.Module):
+        def cos_logits(self, e, class_idx=None):
+            return 16.0 * F.normalize(e, dim=1) @ F.normalize(w, dim=1).t()
+
+    out = frskd(StudentOutput(emb, maps, head=Head()), None, torch.tensor([0, 1, 2, 3]))
+    _, self_emb = frskd.self_teacher(maps)
+    t = (16.0 * F.normalize(self_emb, dim=1) @ F.normalize(frskd.head.weight, dim=1).t())
+    s = Head().cos_logits(emb)
+    p_t, p_s = (t / 4).softmax(1), (s / 4).softmax(1)
+    by_hand = (p_t * (p_t.log() - p_s.log())).sum(1).mean() * 16
+    assert out["soft"].item() == pytest.approx(by_hand.item(), rel=1e-5)

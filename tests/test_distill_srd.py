@@ -172,3 +172,29 @@ def test_teacher_classes_switch():
                            params={"teacher_classes": "shared"})
     with pytest.raises(ConfigError, match="'shared' but the teacher has 3 classes"):
         shared(StudentOutput(s), teacher, labels)
+
+
+def test_feature_connector_can_reach_a_signed_embedding():
+    # The teacher's embedding is signed: a connector ending in ReLU could never match a
+    # negative coordinate; SRD's feature connector must be able to output one.
+    torch.manual_seed(5)
+    srd = create_method("srd", student_dim=4, teacher_dim=3, num_classes=2,
+                        params={"connector": "feature"}, student_feature_channels=[3, 6])
+    out = srd.connector(torch.randn(8, 6, 2, 2))
+    assert (out < 0).any()
+
+
+def test_srd_term_is_a_cosine_loss_of_weight_2s2_over_d():
+    # Near-isotropic centres: mean_c s^2 ((u - t).w_c)^2 ~ (2 s^2 / D)(1 - cos(u, t)).
+    from facekd.distill.srd import effective_cosine_weight
+
+    g = torch.Generator().manual_seed(0)
+    dim, classes, scale = 16, 20000, 32.0
+    centres = F.normalize(torch.randn(classes, dim, generator=g), dim=1)
+    u = F.normalize(torch.randn(64, dim, generator=g), dim=1)
+    t = F.normalize(u + 0.5 * torch.randn(64, dim, generator=g), dim=1)
+    mse = F.mse_loss(scale * u @ centres.t(), scale * t @ centres.t())
+    cosine = (1.0 - (u * t).sum(1)).mean()
+    assert effective_cosine_weight(scale, dim) == 2 * scale**2 / dim == 128.0
+    assert mse.item() == pytest.approx(effective_cosine_weight(scale, dim) * cosine.item(),
+                                       rel=0.03)

@@ -190,3 +190,36 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"step-00000001\.pt: cannot load"):
         checkpointing.load_state(path)
+
+
+def test_method_parts_are_clipped_apart_from_the_backbone(tmp_path, monkeypatch):
+    # FRSKD's fresh self-teacher and its s = 64 head must not shrink the backbone's step:
+    # the backbone is clipped alone (arcface_torch), the method's parts as their own group.
+    calls: list[tuple[set[int], float]] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        norm = real_clip(params, max_norm, *args, **kwargs)
+        calls.append(({id(p) for p in params}, float(norm)))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    recipe = tiny_recipe(tmp_path / "run", "frskd",
+                         ("method.params={pool: avg, scale: 64.0}", "optim.clip_grad=1.0",
+                          "run.max_steps=1"))
+    trainer = Trainer(recipe, loader_factory=memory_loader_factory())
+    trainer.setup()
+    try:
+        trainer.train_step(next(iter(trainer.loader)), None)
+        backbone = {id(p) for p in trainer.student.parameters()}
+        method = {id(p) for p in trainer.method.parameters()}
+        assert [ids for ids, _ in calls] == [backbone, method]
+        # the backbone's gradient is clipped by its own norm only
+        (_, raw_backbone), (_, raw_method) = calls
+        after = math.sqrt(sum(float(p.grad.pow(2).sum())
+                              for p in trainer.student.parameters() if p.grad is not None))
+        assert after == pytest.approx(min(raw_backbone, 1.0), rel=1e-4)
+        assert raw_method > 0.0
+    finally:
+        trainer.close()

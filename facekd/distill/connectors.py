@@ -25,20 +25,20 @@ class EmbeddingConnector(nn.Module):
 
 
 class FeatureConnector(nn.Module):
-    """1x1 conv + BN (+ ReLU) on a spatial map, then global average pooling.
+    """1x1 conv + BN on a spatial map, then global average pooling.
 
     SRD's connector for networks whose last feature map is the representation; the
-    pooled output has the teacher's embedding dimension.
+    pooled output has the teacher's embedding dimension. No ReLU: it is compared with a
+    signed face embedding, which a non-negative output could never match.
     """
 
-    def __init__(self, in_channels: int, out_dim: int, relu: bool = True) -> None:
+    def __init__(self, in_channels: int, out_dim: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_dim, kernel_size=1, bias=False)
         self.bn = nn.BatchNorm2d(out_dim)
-        self.act: nn.Module = nn.ReLU(inplace=True) if relu else nn.Identity()
 
     def forward(self, feature_map: Tensor) -> Tensor:
-        return self.act(self.bn(self.conv(feature_map))).mean(dim=(2, 3))
+        return self.bn(self.conv(feature_map)).mean(dim=(2, 3))
 
 
 def sample_classes(labels: Tensor, num_classes: int, num_negatives: int | None,

@@ -1,11 +1,18 @@
 """FRSKD: a self-teacher refines the student's own multi-scale maps; no external teacher.
 
 Ji et al., "Refine Myself by Teaching Myself: Feature Refinement via Self-Knowledge
-Distillation" (CVPR 2021). The self-teacher is a BiFPN-like top-down + bottom-up fusion
-of the student's stage outputs (depthwise-separable conv blocks, learned normalised
-fusion weights), ending in its own GDC + embedding + margin head. The student learns
-the refined maps' attention and the self-teacher's (detached) embedding or logits; the
-self-teacher learns from the labels. MobileFaceNet's 56/28/14/7 px stages suit it.
+Distillation" (CVPR 2021); authors' code MingiJi/FRSKD. The self-teacher is the official
+``BiFPNc``: a top-down + bottom-up fusion of the student's stage outputs at *twice the
+student's width at every level* (``--width 2``), depthwise-separable conv blocks, learned
+normalised fusion weights, ending here in its own GDC + embedding + margin head (the
+official ends in avg-pool + fc over the same classes). The student learns the refined
+maps' attention (AT, beta = 100) and the self-teacher's detached logits by KD at T = 4
+(alpha = 2, ``DistillKL``: ``KL * T^2``); the self-teacher learns from the labels.
+
+Gradient clipping: the official code clips nothing. facekd clips the backbone as
+arcface_torch does and the method's parts (self-teacher, its head) as a group of their
+own (``Trainer._build_optimizer``), so the fresh s = 64 head never shrinks the backbone's
+step. MobileFaceNet's 56/28/14/7 px stages halve cleanly, which the fusion needs.
 """
 
 from __future__ import annotations
@@ -30,12 +37,18 @@ from facekd.errors import ConfigError
 
 @dataclass
 class FRSKDParams:
-    """Defaults: paper's T = 4; embedding (cosine) soft target for many-class faces."""
+    """Defaults from the authors' code: BiFPNc width 2x per level, KD soft target at T = 4.
 
-    width: int = 64                               # channels of the fused maps
+    ``soft_target: cosine`` (1 - cos between student and self-teacher embeddings) is kept
+    as an option only: the two embeddings live in unrelated spaces, so it is not the
+    paper's method. Set ``scale`` to the student head's scale, so KD compares logits of
+    one scale (the recipes do).
+    """
+
+    width_multiplier: int = 2                     # self-teacher channels = 2 x the student's
     pool: Literal["gdc", "avg"] = "gdc"
     gdc_size: int = 7                             # side of the last map (112 px input: 7)
-    soft_target: Literal["cosine", "kd"] = "cosine"
+    soft_target: Literal["kd", "cosine"] = "kd"
     temperature: float = 4.0                      # for soft_target: kd
     head: Literal["arcface", "cosface", "combined", "softmax"] = "arcface"
     scale: float = 64.0
@@ -43,8 +56,9 @@ class FRSKDParams:
     detach_input: bool = False                    # True: self_ce does not reach the student
 
     def validate(self, path: str = "") -> None:
-        if self.width <= 0 or self.gdc_size <= 0 or self.temperature <= 0:
-            raise ConfigError(f"{path}: width, gdc_size and temperature must be positive")
+        if self.width_multiplier <= 0 or self.gdc_size <= 0 or self.temperature <= 0:
+            raise ConfigError(f"{path}: width_multiplier, gdc_size and temperature must be "
+                              "positive")
 
 
 class SeparableConvBlock(nn.Module):
@@ -86,49 +100,66 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.adaptive_max_pool2d(x, size)
 
 
-class SelfTeacher(nn.Module):
-    """BiFPN-like fusion over L maps (high resolution first) + GDC embedding."""
+def _pointwise(in_channels: int, out_channels: int) -> nn.Module:
+    """The official 1x1 ``DepthConvBlock``: conv + BN + ReLU (changes a level's width)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
 
-    def __init__(self, in_channels: list[int], width: int, embedding_size: int,
+
+class SelfTeacher(nn.Module):
+    """BiFPNc over L maps (high resolution first) at ``multiplier`` x each level's width.
+
+    Top-down: ``td_i = block(w * [lat_i, up(td_{i+1})])``; bottom-up: ``out_i =
+    block(w * [lat2_i, td_i (inner levels), down(out_{i-1})])`` with ``up``/``down`` a
+    resize plus a 1x1 block to level i's width, as in the authors' ``BiFPN_layer``.
+    """
+
+    def __init__(self, in_channels: list[int], multiplier: int, embedding_size: int,
                  pool: str = "gdc", gdc_size: int = 7) -> None:
         super().__init__()
         levels = len(in_channels)
-        self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width))
-            for c in in_channels)
+        widths = [c * multiplier for c in in_channels]
+        self.widths = widths
+        self.lateral = nn.ModuleList(_pointwise(c, w) for c, w in zip(in_channels, widths,
+                                                                      strict=True))
+        self.lateral2 = nn.ModuleList(_pointwise(in_channels[i], widths[i])
+                                      for i in range(1, levels))
         # top-down: level i (< L-1) fuses lateral_i with the coarser top-down map
+        self.up = nn.ModuleList(_pointwise(widths[i + 1], widths[i]) for i in range(levels - 1))
         self.td_fuse = nn.ModuleList(WeightedFusion(2) for _ in range(levels - 1))
-        self.td_block = nn.ModuleList(SeparableConvBlock(width) for _ in range(levels - 1))
-        # bottom-up: level i (> 0) fuses lateral_i, td_i (inner levels) and the finer output
+        self.td_block = nn.ModuleList(SeparableConvBlock(widths[i]) for i in range(levels - 1))
+        # bottom-up: level i (> 0) fuses lateral2_i, td_i (inner levels) and the finer output
+        self.down = nn.ModuleList(_pointwise(widths[i - 1], widths[i]) for i in range(1, levels))
         self.bu_fuse = nn.ModuleList(WeightedFusion(3 if i < levels - 1 else 2)
                                      for i in range(1, levels))
-        self.bu_block = nn.ModuleList(SeparableConvBlock(width) for _ in range(levels - 1))
+        self.bu_block = nn.ModuleList(SeparableConvBlock(widths[i]) for i in range(1, levels))
         self.pool_kind = pool
         self.gdc_size = gdc_size
+        last = widths[-1]
         if pool == "gdc":
             self.pool = nn.Sequential(
-                nn.Conv2d(width, width, gdc_size, groups=width, bias=False),
-                nn.BatchNorm2d(width))
+                nn.Conv2d(last, last, gdc_size, groups=last, bias=False),
+                nn.BatchNorm2d(last))
         else:
-            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(width))
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(width, embedding_size, bias=False),
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(last))
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(last, embedding_size, bias=False),
                                    nn.BatchNorm1d(embedding_size))
 
     def forward(self, maps: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """Refined maps (same sizes as ``maps``) and the self-teacher's embedding."""
+        """Refined maps (same sizes as ``maps``, 2x the channels) and the embedding."""
         levels = len(maps)
         lateral = [layer(x) for layer, x in zip(self.lateral, maps, strict=True)]
         sizes = [tuple(x.shape[-2:]) for x in lateral]
         top_down: list[Tensor] = [lateral[-1]] * levels
         for i in range(levels - 2, -1, -1):
-            fused = self.td_fuse[i]([lateral[i], _resize(top_down[i + 1], sizes[i])])
-            top_down[i] = self.td_block[i](fused)
+            coarser = self.up[i](_resize(top_down[i + 1], sizes[i]))
+            top_down[i] = self.td_block[i](self.td_fuse[i]([lateral[i], coarser]))
         refined = [top_down[0]]
         for i in range(1, levels):
-            inputs = [lateral[i]]
+            inputs = [self.lateral2[i - 1](maps[i])]
             if i < levels - 1:
                 inputs.append(top_down[i])
-            inputs.append(_resize(refined[i - 1], sizes[i]))
+            inputs.append(self.down[i - 1](_resize(refined[i - 1], sizes[i])))
             refined.append(self.bu_block[i - 1](self.bu_fuse[i - 1](inputs)))
         last = refined[-1]
         if self.pool_kind == "gdc" and tuple(last.shape[-2:]) != (self.gdc_size,) * 2:
@@ -155,9 +186,9 @@ class FRSKD(DistillMethod):
     """Losses ``self_ce``, ``attention`` and ``soft``.
 
     Default weights: self_ce 1, attention 100 (beta), soft 2 (alpha), as in the paper's
-    classification runs. ``soft`` is mean(1 - cos(student emb, self-teacher emb.detach()))
-    or, with soft_target: kd, KD_T between the student head's and the self-teacher
-    head's (detached) cosine logits.
+    classification runs. ``soft`` is KD_T (T = 4, times T^2) between the student head's
+    margin-free logits and the self-teacher head's detached ones over the same classes,
+    as the official ``DistillKL``; ``soft_target: cosine`` is the non-paper option.
     """
 
     Params = FRSKDParams
@@ -177,7 +208,8 @@ class FRSKD(DistillMethod):
                               "(student_feature_channels, e.g. from feature_layers(model))")
         from facekd.models.heads import create_head
 
-        self.self_teacher = SelfTeacher(list(student_feature_channels), params.width,
+        self.self_teacher = SelfTeacher(list(student_feature_channels),
+                                        params.width_multiplier,
                                         student_dim, pool=params.pool,
                                         gdc_size=params.gdc_size)
         self.head = create_head(params.head, student_dim, num_classes, scale=params.scale,

@@ -8,6 +8,14 @@ onto the teacher's own logits with MSE on raw logits, plus a feature-matching te
 Both terms use every row, labelled or not (label -1): each row's targets come from that
 row's own teacher embedding, never from another batch (the authors' separate-batch code
 reused the labelled teacher logits for unlabelled images).
+
+Effective weight. With unit connector output u, teacher embedding t and C unit centres
+w_c, ``srd = mean_{b,c} s^2 ((u - t) . w_c)^2``; for near-isotropic centres
+(``sum_c w_c w_c^T ~ (C / D) I``) that is ``(s^2 / D) |u - t|^2 = (2 s^2 / D)(1 - cos(u, t))``:
+a cosine embedding loss of weight ``2 s^2 / D`` (8 for s = 32, D = 256; 16 for s = 64,
+D = 512), checked in tests/test_distill_srd.py. A ``feature`` baseline at weight 1 is
+therefore ~8x lighter; bench/methods.py runs a ``feature`` control at this weight
+(:func:`effective_cosine_weight`), so "SRD beats feature" is not loss weight alone.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ from facekd.errors import ConfigError
 class SRDParams:
     """SRD hyper-parameters; defaults follow the authors' SRD runs (beta = 1, no KL)."""
 
+    # feature: 1x1 conv + BN on the last map, pooled. No final ReLU (the authors' has one,
+    # for a post-ReLU CIFAR teacher feature): a face embedding is signed, so a
+    # non-negative output could never match it.
     connector: Literal["embedding", "feature"] = "embedding"
-    feature_connector_relu: bool = True     # 1x1 conv + BN + ReLU, as in the authors' code
     feature_loss: Literal["mse", "mse_normalised", "cosine"] = "mse"
     num_negatives: int | None = None        # None: logits over all classes
     margin_on_labelled: bool = False        # ablation: ArcFace margin on labelled rows
@@ -56,6 +66,11 @@ class SRDParams:
                               f"got {self.num_negatives}")
         if not 0.0 <= self.margin < 3.14159:
             raise ConfigError(f"{where}margin must be in [0, pi) radians, got {self.margin}")
+
+
+def effective_cosine_weight(scale: float, dim: int) -> float:
+    """``2 s^2 / D``: the weight of the cosine embedding loss the SRD term amounts to."""
+    return 2.0 * float(scale) ** 2 / int(dim)
 
 
 @register_method("srd")
@@ -83,8 +98,7 @@ class SRD(DistillMethod):
                 raise ConfigError("method.params.connector: 'feature' needs the student's "
                                   "feature-map channels (student_feature_channels)")
             self.needs_features = True
-            self.connector = FeatureConnector(student_feature_channels[-1], teacher_dim,
-                                              relu=params.feature_connector_relu)
+            self.connector = FeatureConnector(student_feature_channels[-1], teacher_dim)
         else:
             self.connector = EmbeddingConnector(student_dim, teacher_dim)
 

@@ -451,10 +451,13 @@ class Trainer:
         self.replicated = [p for p in self.method.parameters() if p.requires_grad]
         if not self.partial_fc:
             self.replicated += [p for p in self.head.parameters() if p.requires_grad]
-        # Clipped like arcface_torch (backbone only) plus the method's parts: these are
-        # identical on every rank, so the clip factor is too (the head may be sharded).
-        self.clipped = [p for module in (self.student, self.method)
-                        for p in module.parameters() if p.requires_grad]
+        # Clipped like arcface_torch: the backbone alone. A method's own parts (FRSKD's
+        # self-teacher and its s = 64 head, connectors) are clipped as a group of their
+        # own, so their fresh, large gradients never shrink the backbone's update. Both
+        # groups are replicated on every rank, so each clip factor is too.
+        self.clip_groups = [group for group in (
+            [p for p in self.student.parameters() if p.requires_grad],
+            [p for p in self.method.parameters() if p.requires_grad]) if group]
         self.unlabelled_iter: _Cycle | None = None
         o = r.optim
         if o.name == "sgd":
@@ -657,8 +660,9 @@ class Trainer:
         grad_norm = float("nan")
         if self.recipe.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.clipped,
-                                                       self.recipe.optim.clip_grad))
+            norms = [float(nn.utils.clip_grad_norm_(group, self.recipe.optim.clip_grad))
+                     for group in self.clip_groups]
+            grad_norm = norms[0]   # the backbone's, as arcface_torch logs it
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
