@@ -50,6 +50,10 @@ PRESETS: dict[str, DemoSize] = {
 }
 
 BINS = ("lfw", "cfp_fp", "agedb_30")
+# Fixed CPU thread counts, so the demo gives the same bits on hosts with other core
+# counts (torch's pool size changes float reductions): the teacher, cache and evaluation
+# use THREADS, each of the two students trained side by side one thread.
+THREADS = 2
 
 
 def recipes_dir() -> Path:
@@ -76,14 +80,14 @@ def _step(name: str, done: Callable[[], bool], run: Callable[[], Any]) -> float:
 
 
 def _train(recipe_name: str, out: Path, data: Path, size: DemoSize, seed: int,
-           extra: list[str]) -> Path:
+           extra: list[str], threads: int = THREADS) -> Path:
     from facekd.train.recipe import load_recipe
     from facekd.train.trainer import train
 
     # no .bin evaluation while training: the demo's evaluation step scores every model
     overrides = [f"data.train={data / 'shards'}", "data.val_bins=[]",
                  f"data.batch_size={size.batch_size}", f"run.output={out}", f"run.seed={seed}",
-                 *extra]
+                 f"run.threads={threads}", *extra]
     if size.max_steps is not None:
         overrides.append(f"run.max_steps={size.max_steps}")
     return train(load_recipe(str(recipes_dir() / recipe_name), overrides))
@@ -104,20 +108,16 @@ def _train_side_by_side(jobs: list[tuple[Any, ...]]) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // len(jobs))
     with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn"),
-                             initializer=_init_student_process, initargs=(threads,)) as pool:
+                             initializer=_init_student_process) as pool:
         for future in [pool.submit(_train, *args) for args in jobs]:
             future.result()
 
 
-def _init_student_process(threads: int) -> None:
-    import torch
-
+def _init_student_process() -> None:
     from facekd.logs import setup_logging
 
     setup_logging()
-    torch.set_num_threads(threads)
 
 
 def run_demo(out: str | Path = "demo_out", preset: str = "default", seed: int = 0) -> Path:
@@ -131,9 +131,14 @@ def run_demo(out: str | Path = "demo_out", preset: str = "default", seed: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     handler = add_file_log(out / "demo.log")
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)  # the cache and evaluation steps; training sets its own
     try:
         return _run(out, size, seed)
     finally:
+        torch.set_num_threads(threads_before)
         logging.getLogger().removeHandler(handler)
         handler.close()
 
@@ -173,9 +178,9 @@ def _run(out: Path, size: DemoSize, seed: int) -> Path:
     student_runs = {
         # one progress bar on screen: the run beside it logs to its train.log
         "train the student alone": (alone, ("none_synth.yaml", alone, out, size, seed,
-                                             [*student, "run.progress=false"])),
+                                             [*student, "run.progress=false"], 1)),
         "distil the student with SRD": (srd, ("srd_synth.yaml", srd, out, size, seed,
-                                               [*student, *with_teacher])),
+                                               [*student, *with_teacher], 1)),
     }
     todo = {name: args for name, (run_dir, args) in student_runs.items()
             if not (run_dir / "summary.json").exists()}

@@ -92,6 +92,9 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True                 # tqdm bar (rank 0)
     eval_batch_size: int = 64
+    threads: int = 0                      # CPU threads for torch (0: torch's default, the
+    #                                       core count); fix it so hosts give equal bits
+    deterministic: bool = True            # deterministic kernels (facekd.train.reproducible)
 
 
 @dataclass
@@ -104,6 +107,9 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, path: str = "") -> None:
+        if self.run.threads < 0:
+            raise ConfigError(f"run.threads must be >= 0 (0: torch's default), "
+                              f"got {self.run.threads}")
         if self.data.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {self.data.batch_size}")
         if self.data.images_per_identity < 1 or \

@@ -243,8 +243,10 @@ class Trainer:
         # per-rank streams (sampling, dropout) only for the loop.
         ckpt.seed_everything(self.seed)
         self.amp = bool(r.run.amp and self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        from facekd.train import reproducible
+
+        self.reproducibility, self._saved_repro = reproducible.apply(
+            self.device, r.run.threads, r.run.deterministic)
         log.info("rank %d/%d on %s, seed %d, amp %s", self.dist.rank, self.dist.world_size,
                  self.device, self.seed, self.amp)
         self._build_data()
@@ -820,7 +822,7 @@ class Trainer:
             "run": str(self.out), "method": r.method.name, "student": r.student.arch,
             "teacher": r.teacher.checkpoint, "teacher_cache": r.teacher.cache,
             "seed": self.seed, "world_size": self.dist.world_size,
-            "device": str(self.device), "amp": self.amp,
+            "device": str(self.device), "amp": self.amp, **self.reproducibility,
             "steps": result["step"], "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch, "epochs_done": result["epoch"],
             "resumed_from": self.resumed_from, "num_classes": self.num_classes,
@@ -840,6 +842,10 @@ class Trainer:
             self.hooks.remove()
         if hasattr(self, "_saved_level"):
             logging.getLogger("facekd").setLevel(self._saved_level)
+        if hasattr(self, "_saved_repro"):
+            from facekd.train import reproducible
+
+            reproducible.restore(self._saved_repro)
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
