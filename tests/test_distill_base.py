@@ -40,7 +40,7 @@ def test_unknown_param_key_gives_hint():
     ("kd", {"temperature": 0}, "temperature must be positive"),
     ("srd", {"connector": "conv"}, "connector: 'conv' is not one of"),
     ("srd", {"num_negatives": -1}, "num_negatives"),
-    ("refilled", {"stage": 3}, "stage must be 1, 2 or 'both'"),
+    ("refilled", {"stage": 3}, "stage must be 1, 2 or 'two_stage'"),
     ("feature", {"loss": "l1"}, "loss: 'l1' is not one of"),
     ("none", {"anything": 1}, "unknown key 'method.params.anything'"),
 ])
@@ -53,7 +53,7 @@ def test_params_from_yaml_types():
     # YAML gives ints for floats and ints/strings for the REFILLED stage.
     assert _make("kd", temperature=2).params.temperature == 2.0
     assert _make("refilled", stage=1).params.stage == 1
-    assert _make("refilled", stage="both").params.stage == "both"
+    assert _make("refilled", stage="two_stage").params.stage == "two_stage"
 
 
 def test_srd_feature_connector_needs_channels():

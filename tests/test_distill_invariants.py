@@ -44,9 +44,11 @@ def test_student_equal_to_teacher_costs_nothing(batch, dim, classes, seed):
     kd = create_method("kd", student_dim=dim, teacher_dim=dim, num_classes=classes, params={})
     assert kd(StudentOutput(emb, head=head), teacher, labels)["kd"].item() == \
         pytest.approx(0.0, abs=1e-5)
-    refilled = create_method("refilled", student_dim=dim, teacher_dim=dim, num_classes=classes,
-                             params={})
-    out = refilled(StudentOutput(emb * 3.0, head=head), teacher, labels)
+    out = {}
+    for stage in (1, 2):
+        refilled = create_method("refilled", student_dim=dim, teacher_dim=dim,
+                                 num_classes=classes, params={"stage": stage, "mining": "all"})
+        out.update(refilled(StudentOutput(emb * 3.0, head=head), teacher, labels))
     assert out["relation"].item() == pytest.approx(0.0, abs=1e-5)
     assert out["local_kd"].item() == pytest.approx(0.0, abs=1e-5)
     feature = create_method("feature", student_dim=dim, teacher_dim=dim, num_classes=classes,
@@ -63,10 +65,13 @@ def test_duplicate_and_zero_rows_keep_gradients_finite(name):
     emb = torch.cat([base[:1], base[:1], base[1:], torch.zeros(1, 4)]).requires_grad_(True)
     t = torch.cat([base[:1], base[:1], base[1:], torch.zeros(1, 4)]) * 2.0
     centres = torch.randn(3, 4)
-    method = create_method(name, student_dim=4, teacher_dim=4, num_classes=3,
-                           params={"margin_on_labelled": True} if name == "srd" else {})
-    out = method(StudentOutput(emb, head=CosHead(centres, 64.0)),
-                 TeacherOutput(t, centres), torch.tensor([0, 0, 1, 2]))
+    params = {"srd": [{"margin_on_labelled": True}],
+              "refilled": [{"stage": 1, "mining": "all"}, {"stage": 2}]}.get(name, [{}])
+    out = {}
+    for p in params:
+        method = create_method(name, student_dim=4, teacher_dim=4, num_classes=3, params=p)
+        out.update(method(StudentOutput(emb, head=CosHead(centres, 64.0)),
+                          TeacherOutput(t, centres), torch.tensor([0, 0, 1, 2])))
     total = sum(out.values())
     total.backward()
     assert torch.isfinite(total)

@@ -219,7 +219,7 @@ def test_rec_source_and_refilled_relation_is_nonzero(rec_dataset):
     student = pooled @ torch.randn(pooled.shape[1], 16)
     teacher = pooled @ torch.randn(pooled.shape[1], 32)
     method = create_method("refilled", student_dim=16, teacher_dim=32, num_classes=12,
-                           params={"stage": 1})
+                           params={"stage": 1, "mining": "all"})
     terms = method(StudentOutput(embedding=student, features=[], head=None),
                    TeacherOutput(embedding=teacher, centres=None, scale=64.0, features=[]),
                    labels)
@@ -234,7 +234,7 @@ def test_trainer_builds_grouped_batches(tmp_path, rec_dataset):
 
     recipe = tiny_recipe(tmp_path / "run", "refilled", (
         f"data.train={rec_dataset}", "data.images_per_identity=4", "optim.epochs=1",
-        "method.params={stage: 1}", "run.max_steps=3", "run.save_every=100"))
+        "method.params={stage: 1, mining: all}", "run.max_steps=3", "run.save_every=100"))
     calls: list[dict] = []
 
     def recording_factory(*args, **kwargs):

@@ -9,8 +9,8 @@ method    loss terms (default weight)        needs
 ========  =================================  ===========================================
 srd       srd (1), feat (1)                  teacher embedding + class centres; feature
                                              maps with ``connector: feature``
-refilled  relation (1000), local_kd (100)    teacher embedding; centres for stage 2;
-                                             stage 1 needs >= 2 images per identity
+refilled  relation (1000) in stage 1,        teacher embedding; centres for stage 2;
+          local_kd (1) in stage 2            two trainer runs (facekd.train.stages)
 frskd     self_ce (1), attention (100),      student feature maps (no teacher)
           soft (2)
 kd        kd (1)                             teacher centres over the student's classes

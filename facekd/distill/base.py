@@ -24,6 +24,7 @@ from facekd.errors import ConfigError
 
 __all__ = [
     "DistillMethod",
+    "Stage",
     "StudentOutput",
     "TeacherOutput",
     "create_method",
@@ -67,6 +68,20 @@ class TeacherOutput:
     features: list[Tensor] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One run of a method trained in stages (REFILLED): recipe values set for it.
+
+    ``values`` maps dotted recipe keys to values; ``init_from`` names an earlier stage
+    whose final student this one starts from. The last stage writes the run folder itself,
+    earlier ones a sub-folder named after them.
+    """
+
+    name: str
+    values: dict[str, Any]
+    init_from: str | None = None
+
+
 class DistillMethod(nn.Module):
     """Base class: subclasses set ``Params`` (a dataclass) and implement ``forward``.
 
@@ -96,6 +111,11 @@ class DistillMethod(nn.Module):
     def loss_names(self) -> list[str]:
         """The names of the terms ``forward`` may return."""
         return list(self.default_weights)
+
+    @classmethod
+    def stages(cls, params: Any, recipe: Any) -> list[Stage]:
+        """The runs a recipe of this method is split into; [] (one run) for most."""
+        return []
 
     def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
                 labels: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract

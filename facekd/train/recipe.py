@@ -44,6 +44,8 @@ class StudentConfig:
     embedding_size: int = 512
     kwargs: dict[str, Any] = field(default_factory=dict)
     head: HeadConfig = field(default_factory=HeadConfig)
+    init: str | None = None               # backbone weights to start from (a student.pt;
+                                          # REFILLED's stage 2); a resume overrides them
 
 
 @dataclass

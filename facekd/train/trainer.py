@@ -372,6 +372,15 @@ class Trainer:
         kwargs.setdefault("num_features", r.student.embedding_size)
         self.arch_kwargs = kwargs
         self.student = create_model(r.student.arch, **kwargs).to(self.device)
+        if r.student.init:
+            from facekd.models.checkpoint import (
+                extract_state_dict,
+                load_state_into,
+                read_checkpoint,
+            )
+
+            state = extract_state_dict(read_checkpoint(r.student.init), r.student.init)
+            load_state_into(self.student, state, r.student.arch, r.student.init)
         self.feature_layer_names: list[str] = []
         self.feature_channels: list[int] | None = None
         try:
@@ -866,5 +875,12 @@ class Trainer:
 
 def train(recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
           teacher: Any = None) -> Path:
-    """Train per ``recipe`` (DDP when launched by torchrun); returns the run folder."""
-    return Trainer(recipe, loader_factory=loader_factory, teacher=teacher).run()
+    """Train per ``recipe`` (DDP when launched by torchrun); returns the run folder.
+
+    A method trained in stages (REFILLED) runs one Trainer per stage
+    (:mod:`facekd.train.stages`).
+    """
+    from facekd.train.stages import run_stages
+
+    return run_stages(recipe, lambda stage: Trainer(stage, loader_factory=loader_factory,
+                                                    teacher=teacher).run())
