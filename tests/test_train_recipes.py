@@ -11,7 +11,8 @@ from facekd.distill.base import get_method_class, parse_params
 from facekd.train.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-METHODS = ("srd", "srd_unlabelled", "refilled", "frskd", "kd", "feature", "rkd", "none")
+METHODS = ("srd", "srd_unlabelled", "refilled", "frskd", "adadistill", "ekd", "kd", "feature",
+           "rkd", "none")
 
 
 def test_every_method_has_a_paper_and_an_embedded_recipe():

@@ -160,7 +160,7 @@ def _ensure_builtin() -> None:
     # facekd.distill.base alone stays cheap and side-effect free.
     import importlib
 
-    for module in ("baselines", "srd", "refilled", "frskd"):
+    for module in ("baselines", "srd", "refilled", "frskd", "adadistill", "ekd"):
         importlib.import_module(f"facekd.distill.{module}")
 
 
