@@ -220,3 +220,58 @@ def run_processes(target: Any, world_size: int, *args: Any, timeout: float = 240
             p.kill()
     if any(code != 0 for code in codes):
         raise RuntimeError(f"workers exited with {codes}")
+
+
+def grad_reduce_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """One gloo rank of ``all_reduce_grads`` where rank 1 never uses ``used_by_rank0``.
+
+    Rank r computes the mean loss over its half of a fixed batch; its half decides whether
+    the ``used_by_rank0`` parameter takes part, so on rank 1 its grad stays None.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    from facekd.train.ddp import DistInfo, all_reduce_grads
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = GradReduceModel()
+        x, flags = GradReduceModel.batch()
+        half = len(x) // world_size
+        mine = slice(rank * half, (rank + 1) * half)
+        model.zero_grad(set_to_none=True)
+        model(x[mine], flags[mine]).backward()
+        all_reduce_grads(list(model.parameters()), DistInfo(rank, world_size, rank, "gloo"))
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+class GradReduceModel(nn.Module):
+    """A shared part, a part only flagged rows use, and a part no row uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Linear(4, 1)
+        self.used_by_rank0 = nn.Linear(4, 1)
+        self.never_used = nn.Linear(4, 1)
+
+    @staticmethod
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(8, 4, generator=g)
+        flags = torch.tensor([True, False, True, False, False, False, False, False])
+        return x, flags
+
+    def forward(self, x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        out = self.shared(x).squeeze(1)
+        if bool(flags.any()):  # a connector only some batches need
+            extra = torch.zeros_like(out)
+            extra[flags] = self.used_by_rank0(x[flags]).squeeze(1)
+            out = out + extra
+        return (out ** 2).mean()

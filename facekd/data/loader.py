@@ -10,7 +10,8 @@ float conversion halves the throughput, and float batches would quadruple worker
 and host-to-device traffic).
 
 Split rule: the epoch permutation is dealt round-robin to ranks (``perm[rank::world]``),
-then cut into batches; batch ``j`` of a rank goes to DataLoader worker ``j % workers``.
+then cut into batches; the main process names batch ``j`` of the epoch and a worker
+decodes it (which worker does cannot change its content).
 With ``drop_last=False`` every sample appears exactly once per epoch over all ranks (the
 last batch may be short and ranks may differ by one batch); with ``drop_last=True`` every
 rank has the same number of full batches (what DDP needs) and the few leftovers change
@@ -24,7 +25,7 @@ multiple of K has its last chunk completed by repeating its own first images of 
 epoch's order (so an identity with fewer than K images repeats images inside its chunk,
 and every image is still seen at least once per epoch: nothing is dropped). The chunks
 are shuffled and dealt exactly like samples above (``chunks[rank::world]``, then
-``batch_size / K`` chunks per batch, batch ``j`` to worker ``j % workers``), so every
+``batch_size / K`` chunks per batch, decoded by any worker), so every
 chunk appears exactly once per epoch over all ranks (``drop_last=False``). Flips are drawn
 per batch slot, not per image, so a repeated image may come once plain, once mirrored.
 K = 1 keeps the plain per-sample plan above, bit for bit.
@@ -224,81 +225,126 @@ def decode_batch(read: Any, rows: list[int], flips: list[bool], out: np.ndarray,
 
 
 class _BatchStream:
-    """Yields raw batches (uint8 NCHW RGB, labels, keys, flipped) of one rank and worker.
+    """Decodes the batches (uint8 NCHW RGB, labels, keys, flipped) of one rank.
 
-    Runs inside DataLoader workers, so it holds only picklable state and computes the
-    epoch plan itself instead of shipping index arrays to every worker.
+    Lives in DataLoader workers too, so it holds only picklable state. A batch is named by
+    ``(seed, epoch, j)``: persistent workers receive that name from the main process's
+    sampler each step and compute the epoch plan themselves (cached per epoch) instead of
+    being sent index arrays, so one long-lived worker pool serves every epoch.
     """
 
-    def __init__(self, source: Any, batch_size: int, seed: int, epoch: int, rank: int,
-                 world_size: int, flip: bool, drop_last: bool, labelled: bool,
-                 start_batch: int, pool: BufferPool | None = None,
-                 images_per_identity: int = 1) -> None:
+    def __init__(self, source: Any, batch_size: int, rank: int, world_size: int,
+                 flip: bool, drop_last: bool, labelled: bool,
+                 pool: BufferPool | None = None, images_per_identity: int = 1) -> None:
         self.source = source
         self.images_per_identity = images_per_identity
         self.pool = pool  # only in-process: worker batches travel through shared memory
         self.batch_size = batch_size
-        self.seed, self.epoch = seed, epoch
         self.rank, self.world_size = rank, world_size
         self.flip, self.drop_last, self.labelled = flip, drop_last, labelled
-        self.start_batch = start_batch
+        self._plan_key: tuple[int, int] | None = None
+        self._plan: Any = None
 
-    def plan(self, worker: int, num_workers: int
-             ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(batch index, sample rows, flips)`` of this rank's batches for ``worker``."""
-        n = len(self.source)
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_plan_key"], state["_plan"] = None, None  # workers compute their own
+        return state
+
+    def total(self) -> int:
+        """Batches of this rank per epoch."""
         if self.images_per_identity == 1:
-            mine = rank_indices(n, self.seed, self.epoch, self.rank, self.world_size)
-            flips = epoch_flips(n, self.seed, self.epoch) if self.flip else np.zeros(n, bool)
-            total = batches_per_rank(n, self.batch_size, self.rank, self.world_size,
-                                     self.drop_last)
-            for j in range(self.start_batch + worker, total, num_workers):
-                rows = mine[j * self.batch_size:(j + 1) * self.batch_size]
-                yield j, rows, flips[rows]
-            return
-        chunks, chunk_flips = identity_chunks(self.source.labels, self.images_per_identity,
-                                              self.seed, self.epoch)
-        per_batch = self.batch_size // self.images_per_identity
-        total = batches_per_rank(len(chunks), per_batch, self.rank, self.world_size,
-                                 self.drop_last)
-        chunks, chunk_flips = (chunks[self.rank::self.world_size],
-                               chunk_flips[self.rank::self.world_size])
-        for j in range(self.start_batch + worker, total, num_workers):
-            rows = chunks[j * per_batch:(j + 1) * per_batch].reshape(-1)
-            flips = chunk_flips[j * per_batch:(j + 1) * per_batch].reshape(-1)
-            yield j, rows, flips if self.flip else np.zeros(len(rows), bool)
+            units, per_batch = len(self.source), self.batch_size
+        else:
+            units = num_identity_chunks(np.asarray(self.source.labels),
+                                        self.images_per_identity)
+            per_batch = self.batch_size // self.images_per_identity
+        return batches_per_rank(units, per_batch, self.rank, self.world_size, self.drop_last)
 
-    def batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
+    def _epoch_plan(self, seed: int, epoch: int) -> Any:
+        if self._plan_key != (seed, epoch):
+            n = len(self.source)
+            if self.images_per_identity == 1:
+                mine = rank_indices(n, seed, epoch, self.rank, self.world_size)
+                flips = epoch_flips(n, seed, epoch) if self.flip else np.zeros(n, bool)
+                self._plan = (mine, flips)
+            else:
+                chunks, chunk_flips = identity_chunks(self.source.labels,
+                                                      self.images_per_identity, seed, epoch)
+                self._plan = (chunks[self.rank::self.world_size],
+                              chunk_flips[self.rank::self.world_size])
+            self._plan_key = (seed, epoch)
+        return self._plan
+
+    def rows(self, seed: int, epoch: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample rows and flips of batch ``j`` of this rank in ``epoch``."""
+        if self.images_per_identity == 1:
+            mine, flips = self._epoch_plan(seed, epoch)
+            rows = mine[j * self.batch_size:(j + 1) * self.batch_size]
+            return rows, flips[rows]
+        chunks, chunk_flips = self._epoch_plan(seed, epoch)
+        per_batch = self.batch_size // self.images_per_identity
+        rows = chunks[j * per_batch:(j + 1) * per_batch].reshape(-1)
+        flips = chunk_flips[j * per_batch:(j + 1) * per_batch].reshape(-1)
+        return rows, flips if self.flip else np.zeros(len(rows), bool)
+
+    def batch(self, seed: int, epoch: int, j: int,
+              scratch: np.ndarray | None = None) -> dict[str, Any]:
         import torch
 
         keys, labels = self.source.keys, self.source.labels
+        rows, batch_flips = self.rows(seed, epoch, j)
+        shape = (len(rows), 3, IMAGE_SIZE, IMAGE_SIZE)
+        images = self.pool.empty(shape, np.uint8) if self.pool else np.empty(shape, np.uint8)
+        decode_batch(self.source.read, rows.tolist(), batch_flips.tolist(), images,
+                     self.source.name, keys, scratch)
+        return {"image": torch.from_numpy(images),
+                "label": torch.from_numpy(labels[rows].astype(np.int64)) if self.labelled
+                else torch.full((len(rows),), -1, dtype=torch.int64),
+                "key": torch.from_numpy(keys[rows].astype(np.int64)),
+                "flipped": torch.from_numpy(batch_flips.copy()),
+                "batch_index": j}
+
+    def __getitem__(self, name: tuple[int, int, int]) -> dict[str, Any]:
+        return self.batch(*name)
+
+    def batches(self, seed: int, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         scratch = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        for j, rows, batch_flips in self.plan(worker, num_workers):
-            shape = (len(rows), 3, IMAGE_SIZE, IMAGE_SIZE)
-            images = self.pool.empty(shape, np.uint8) if self.pool else np.empty(shape, np.uint8)
-            decode_batch(self.source.read, rows.tolist(), batch_flips.tolist(), images,
-                         self.source.name, keys, scratch)
-            yield {"image": torch.from_numpy(images),
-                   "label": torch.from_numpy(labels[rows].astype(np.int64)) if self.labelled
-                   else torch.full((len(rows),), -1, dtype=torch.int64),
-                   "key": torch.from_numpy(keys[rows].astype(np.int64)),
-                   "flipped": torch.from_numpy(batch_flips.copy()),
-                   "batch_index": j}
+        for j in range(start, self.total()):
+            yield self.batch(seed, epoch, j, scratch)
 
 
-def _iterable_dataset(stream: _BatchStream) -> Any:
-    import torch
-    from torch.utils.data import IterableDataset, get_worker_info
+def _map_dataset(stream: _BatchStream) -> Any:
+    """``stream`` as a map-style Dataset indexed by batch name (one torch thread per worker)."""
+    from torch.utils.data import Dataset
 
-    class _Batches(IterableDataset):
-        def __iter__(self) -> Iterator[dict[str, Any]]:
-            info = get_worker_info()
-            if info is None:
-                return stream.batches()
-            torch.set_num_threads(1)
-            return stream.batches(info.id, info.num_workers)
+    class _Batches(Dataset):
+        def __getitem__(self, name: tuple[int, int, int]) -> dict[str, Any]:
+            return stream[name]
 
     return _Batches()
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # decoding is OpenCV's; torch threads would only contend
+
+
+class _BatchNames:
+    """Sampler in the main process: the names of the batches this pass must yield, read
+    from the loader when the pass starts (so ``set_epoch`` / ``load_state_dict`` reach
+    workers that outlive the epoch)."""
+
+    def __init__(self, loader: TrainLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        loader = self.loader
+        for j in range(loader._pass_start, len(loader)):
+            yield (loader.seed, loader.epoch, j)
+
+    def __len__(self) -> int:
+        return max(0, len(self.loader) - self.loader._pass_start)
 
 
 class BufferPool:
@@ -376,7 +422,8 @@ class TrainLoader:
     def __init__(self, source: str | os.PathLike | Any, batch_size: int, *, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  flip: bool = True, drop_last: bool = True, labelled: bool = True,
-                 images_per_identity: int = 1) -> None:
+                 images_per_identity: int = 1, pin_memory: bool = False,
+                 prefetch_factor: int = 4, persistent_workers: bool = True) -> None:
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -400,6 +447,11 @@ class TrainLoader:
         self._batches_done = 0
         self._resumed_complete = False
         self._pool = BufferPool()
+        self.pin_memory = bool(pin_memory)
+        self.prefetch_factor = int(prefetch_factor)
+        self.persistent_workers = bool(persistent_workers)
+        self._pass_start = 0
+        self._workers: Any = None   # the DataLoader, built on the first pass and kept
 
     @property
     def num_samples(self) -> int:
@@ -441,28 +493,47 @@ class TrainLoader:
             return
         start = self._batches_done if self._batches_done < len(self) else 0
         self._batches_done = start
-        stream = _BatchStream(self.source, self.batch_size, self.seed, self.epoch, self.rank,
-                              self.world_size, self.flip, self.drop_last, self.labelled, start,
-                              pool=self._pool if self.num_workers <= 0 else None,
-                              images_per_identity=self.images_per_identity)
+        self._pass_start = start
         if self.num_workers > 0:
-            from torch.utils.data import DataLoader
-
-            raw: Any = DataLoader(_iterable_dataset(stream), batch_size=None,
-                                  num_workers=self.num_workers,
-                                  prefetch_factor=2, persistent_workers=False)
+            raw: Any = self._worker_loader()
         else:
-            raw = stream.batches()
+            stream = _BatchStream(self.source, self.batch_size, self.rank, self.world_size,
+                                  self.flip, self.drop_last, self.labelled, pool=self._pool,
+                                  images_per_identity=self.images_per_identity)
+            raw = stream.batches(self.seed, self.epoch, start)
         for batch in raw:
             batch.pop("batch_index")
+            if self.pin_memory and self.num_workers <= 0:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
             self._batches_done += 1
             yield batch
+
+    def _worker_loader(self) -> Any:
+        """The DataLoader over worker processes: pinned batches when asked (CUDA), workers
+        kept across epochs (no re-fork and re-open of the source each epoch) and
+        ``prefetch_factor`` batches in flight per worker."""
+        if self._workers is None or not self.persistent_workers:
+            from torch.utils.data import DataLoader
+
+            stream = _BatchStream(self.source, self.batch_size, self.rank, self.world_size,
+                                  self.flip, self.drop_last, self.labelled, pool=None,
+                                  images_per_identity=self.images_per_identity)
+            self._workers = DataLoader(_map_dataset(stream), batch_size=None,
+                                       sampler=_BatchNames(self),
+                                       num_workers=self.num_workers,
+                                       pin_memory=self.pin_memory,
+                                       prefetch_factor=self.prefetch_factor,
+                                       persistent_workers=self.persistent_workers,
+                                       worker_init_fn=_worker_init)
+        return self._workers
 
 
 def build_train_loader(source: str | os.PathLike | Any, batch_size: int, *, seed: int = 0,
                        epoch: int = 0, rank: int = 0, world_size: int = 1,
                        num_workers: int = 0, flip: bool = True, drop_last: bool = True,
-                       labelled: bool = True, images_per_identity: int = 1) -> TrainLoader:
+                       labelled: bool = True, images_per_identity: int = 1,
+                       pin_memory: bool = False, prefetch_factor: int = 4,
+                       persistent_workers: bool = True) -> TrainLoader:
     """The training loader over a shards folder or ``.rec`` dataset (see module docstring).
 
     Batches are dicts: ``image`` uint8 N x 3 x 112 x 112 RGB (turn it into the [-1, 1]
@@ -472,8 +543,12 @@ def build_train_loader(source: str | os.PathLike | Any, batch_size: int, *, seed
     semi-supervised distillation is simply a second loader built this way.
     ``images_per_identity=K > 1`` gives P x K batches (``batch_size / K`` identities with K
     images each, consecutive rows); ``batch_size`` must be a multiple of K.
+    ``pin_memory`` (the trainer sets it on CUDA) yields page-locked batches, so the
+    ``non_blocking`` host-to-device copies overlap; worker processes persist across epochs
+    and keep ``prefetch_factor`` batches each in flight.
     """
     return TrainLoader(source, batch_size, seed=seed, epoch=epoch, rank=rank,
                        world_size=world_size, num_workers=num_workers, flip=flip,
                        drop_last=drop_last, labelled=labelled,
-                       images_per_identity=images_per_identity)
+                       images_per_identity=images_per_identity, pin_memory=pin_memory,
+                       prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)

@@ -14,14 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from facekd.devices import pick_device
 from facekd.errors import CheckpointError
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _as_numpy(batch: Any) -> np.ndarray:

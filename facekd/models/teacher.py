@@ -165,7 +165,7 @@ class Teacher(nn.Module):
                  feature_layers: Sequence[str] = (), onnx_session: Any = None,
                  embedding_size: int | None = None, device: torch.device | None = None):
         super().__init__()
-        from facekd.models.embedder import pick_device
+        from facekd.devices import pick_device
 
         self.name = name
         self.scale = float(scale)

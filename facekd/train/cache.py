@@ -89,6 +89,7 @@ class TeacherCache:
         self.dim = int(self.emb.shape[2])
         self.scale = float(meta.get("scale") or 64.0)
         self.centres: torch.Tensor | None = None
+        self._centres_by_device: dict[str, torch.Tensor] = {}
         centres_path = self.folder / "centres.npy"
         if centres_path.exists():
             centres = np.load(centres_path, allow_pickle=False)
@@ -112,16 +113,35 @@ class TeacherCache:
         return idx_clipped
 
     def lookup(self, keys: np.ndarray | torch.Tensor, flipped: np.ndarray | torch.Tensor,
-               device: torch.device | str = "cpu") -> CacheLookup:
+               device: torch.device | str = "cpu", with_centres: bool = True) -> CacheLookup:
+        """Embeddings of (key, flipped) on ``device``; ``with_centres=False`` when the caller
+        already holds the centres (the trainer), so no second device copy is made."""
         if isinstance(keys, torch.Tensor):
             keys = keys.cpu().numpy()
         if isinstance(flipped, torch.Tensor):
             flipped = flipped.cpu().numpy()
         rows = self.rows(keys)
         view = np.asarray(flipped, dtype=bool).astype(np.int64)
-        emb = np.asarray(self.emb[rows, view], dtype=np.float32)
-        centres = self.centres.to(device) if self.centres is not None else None
-        return CacheLookup(torch.from_numpy(emb).to(device), centres, self.scale)
+        emb = torch.from_numpy(np.asarray(self.emb[rows, view], dtype=np.float32))
+        device = torch.device(device)
+        if device.type == "cuda":  # pinned: the copy overlaps the step instead of blocking it
+            emb = emb.pin_memory().to(device, non_blocking=True)
+        return CacheLookup(emb.to(device), self.centres_on(device) if with_centres else None,
+                           self.scale)
+
+    def centres_on(self, device: torch.device | str) -> torch.Tensor | None:
+        """The centre matrix on ``device``, copied once per device and kept.
+
+        At MS1MV3 size it is 93k x 512 (190 MB): copying it per lookup, i.e. per step,
+        cost more host-to-device traffic than the batch itself.
+        """
+        if self.centres is None:
+            return None
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._centres_by_device:
+            self._centres_by_device[key] = self.centres.to(device)
+        return self._centres_by_device[key]
 
 
 def open_cache(folder: str | Path) -> TeacherCache:

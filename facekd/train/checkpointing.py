@@ -28,8 +28,23 @@ STATE_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
-def capture_rng() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states in a weights_only-loadable form."""
+def _cuda_index(device: Any) -> int | None:
+    """The CUDA device index a run trains on, or None for CPU (and other) devices."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capture_rng(device: Any = None) -> dict[str, Any]:
+    """Python, NumPy, torch and the training GPU's RNG states, weights_only-loadable.
+
+    Only ``device``'s CUDA generator is saved: ``torch.cuda.get_rng_state_all()`` would
+    open a CUDA context on every visible GPU from every rank (8 ranks -> 8 contexts per
+    GPU), and a rank only ever draws from its own GPU.
+    """
     kind, mt, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -37,22 +52,35 @@ def capture_rng() -> dict[str, Any]:
                   "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    index = _cuda_index(device)
+    if index is not None:
+        state["cuda"] = torch.cuda.get_rng_state(index)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def _host_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """An RNG state as the CPU ByteTensor torch's setters demand, wherever it was loaded."""
+    return tensor.detach().to("cpu", torch.uint8)
+
+
+def restore_rng(state: dict[str, Any], device: Any = None) -> None:
+    """Inverse of :func:`capture_rng`; the CUDA state goes to ``device``'s generator only."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["mt"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    mt = npst["mt"].detach().cpu().numpy().astype(np.uint32)
+    np.random.set_state((npst["kind"], mt, npst["pos"], npst["has_gauss"], npst["gauss"]))
+    torch.set_rng_state(_host_bytes(state["torch"]))
+    index = _cuda_index(device)
+    saved = state.get("cuda")
+    if index is None or saved is None:
+        return
+    if isinstance(saved, (list, tuple)):  # older checkpoints: every visible GPU's state
+        if index >= len(saved):
+            log.warning("checkpoint has no CUDA RNG state for GPU %d; it restarts", index)
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(_host_bytes(saved), index)
 
 
 def seed_everything(seed: int) -> None:

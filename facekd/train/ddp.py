@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from facekd.devices import pick_device
 from facekd.errors import ConfigError
 
 
@@ -44,27 +45,12 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def pick_device(choice: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local rank's GPU when CUDA is present, else CPU."""
-    if choice == "cpu":
-        return torch.device("cpu")
-    if choice.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"run.device: '{choice}' requested but CUDA is not available")
-        return torch.device(choice if ":" in choice else f"cuda:{local_rank}")
-    if choice != "auto":
-        raise ConfigError(f"run.device: expected auto, cpu or cuda, got '{choice}'")
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-    return torch.device("cpu")
-
-
 def init_distributed(device_choice: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group described by torchrun's variables (no-op when WORLD_SIZE<=1)."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank if world_size > 1 else 0)
-    device = pick_device(device_choice, local_rank)
+    device = pick_device(device_choice, local_rank, option="run.device")
     if world_size <= 1:
         return DistInfo(), device
     if dist.is_initialized():
@@ -92,19 +78,45 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_reduce_grads(params: Iterable[torch.nn.Parameter], info: DistInfo) -> None:
-    """Average gradients of parameters replicated outside DDP (connectors, small heads)."""
+    """Average gradients of parameters replicated outside DDP (connectors, small heads).
+
+    Every rank reduces one buffer of the same layout: a parameter without a gradient on
+    this rank (a connector its batch did not use, under ``zero_grad(set_to_none=True)``)
+    contributes zeros, and a presence count travels in the same buffer. Skipping such
+    parameters instead gave the ranks buffers of different lengths: a hang, or gradients
+    added to the wrong parameters. A parameter no rank touched keeps ``grad=None``, as in
+    one process (so the optimiser leaves it alone).
+    """
     if not info.enabled:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    params = list(params)
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    device = params[0].device
+    dtype = torch.float32
+    for p in params:
+        if p.grad is not None:
+            dtype = torch.promote_types(dtype, p.grad.dtype)
+    parts = [p.grad.reshape(-1).to(dtype) if p.grad is not None
+             else torch.zeros(p.numel(), dtype=dtype, device=device) for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+    flat = torch.cat([*parts, present])
     dist.all_reduce(flat)
-    flat /= info.world_size
+    counts = flat[-len(params):]
+    flat = flat[:-len(params)] / info.world_size
+    local = [p.grad is not None for p in params]
+    # Only a rank missing some gradient must ask which ones another rank had: a host read
+    # (one sync) in that case alone, none in the usual all-present step.
+    any_grad = local if all(local) else (counts > 0).tolist()
     offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
+    for p, used in zip(params, any_grad, strict=True):
+        n = p.numel()
+        if not used:
+            p.grad = None
+        elif p.grad is None:
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+        else:
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
         offset += n
 
 

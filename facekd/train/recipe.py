@@ -76,14 +76,19 @@ class OptimConfig:
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     poly_power: float = 2.0               # arcface_torch's PolyScheduler uses 2
     clip_grad: float | None = 5.0         # max global grad norm; null: no clipping
+    fused: bool | None = None             # fused optimiser kernel (skips non-finite steps
+                                          # on the device, no sync); null: on CUDA only
 
 
 @dataclass
 class RunConfig:
     output: str = "runs/default"
     seed: int = 0
-    device: str = "auto"                  # auto | cpu | cuda
-    amp: bool = True                      # used only on CUDA
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    amp: bool | Literal["fp16", "bf16", "none"] = True  # true = fp16 + GradScaler (CUDA);
+                                          # bf16: no scaler (CUDA Ampere+, or CPU autocast)
+    channels_last: bool | None = None     # NHWC student input; null: on with CUDA AMP
+    compile: bool = False                 # torch.compile the student (first steps compile)
     save_every: int = 1000                # steps between checkpoints
     eval_every: int = 0                   # steps between .bin evaluations (0: per epoch)
     log_every: int = 20

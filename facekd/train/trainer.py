@@ -11,7 +11,6 @@ resume after a kill (also at another world size), logs and the run folder::
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
@@ -242,13 +241,17 @@ class Trainer:
         # The same seed on every rank while building, so replicated parts start equal;
         # per-rank streams (sampling, dropout) only for the loop.
         ckpt.seed_everything(self.seed)
-        self.amp = bool(r.run.amp and self.device.type == "cuda")
         from facekd.train import reproducible
+        from facekd.train.amp import resolve_amp
 
         self.reproducibility, self._saved_repro = reproducible.apply(
             self.device, r.run.threads, r.run.deterministic)
+        self.amp_mode = resolve_amp(r.run.amp, self.device)
+        self.amp = self.amp_mode.enabled
+        self.channels_last = (r.run.channels_last if r.run.channels_last is not None
+                              else self.device.type == "cuda" and self.amp)
         log.info("rank %d/%d on %s, seed %d, amp %s", self.dist.rank, self.dist.world_size,
-                 self.device, self.seed, self.amp)
+                 self.device, self.seed, self.amp_mode.name)
         self._build_data()
         self._build_method_class()
         self._build_teacher()
@@ -278,6 +281,9 @@ class Trainer:
         # so loader stand-ins without the option keep working
         grouped = ({"images_per_identity": r.data.images_per_identity}
                    if r.data.images_per_identity != 1 else {})
+        if self.device.type == "cuda":
+            # page-locked batches: the non_blocking copies in train_step really overlap
+            common["pin_memory"] = True
         # float input batches recycled step to step (BufferPool: no fresh pages per step)
         from facekd.data.loader import BufferPool
 
@@ -331,7 +337,7 @@ class Trainer:
                     raise ConfigError("teacher.unlabelled_cache has embedding size "
                                       f"{self.unlabelled_cache.dim}, teacher.cache "
                                       f"{self.cache.dim}")
-            centres = self.cache.centres
+            centres = self.cache.centres_on(self.device)
         elif r.teacher.checkpoint or self.given_teacher is not None:
             if self.given_teacher is not None:
                 self.teacher = self.given_teacher
@@ -349,7 +355,7 @@ class Trainer:
         else:
             raise ConfigError(f"method '{r.method.name}' needs a teacher: set "
                               "teacher.checkpoint (or teacher.cache from 'facekd teacher cache')")
-        self.teacher_centres = centres.to(self.device) if centres is not None else None
+        self.teacher_centres = centres.to(self.device) if centres is not None else None  # once
 
     def _check_cache_teacher(self, cache: Any) -> None:
         """A cache built from another teacher file than teacher.checkpoint is refused."""
@@ -381,6 +387,8 @@ class Trainer:
 
             state = extract_state_dict(read_checkpoint(r.student.init), r.student.init)
             load_state_into(self.student, state, r.student.arch, r.student.init)
+        if self.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
         self.feature_layer_names: list[str] = []
         self.feature_channels: list[int] | None = None
         try:
@@ -451,6 +459,10 @@ class Trainer:
                     self.student, device_ids=ids, broadcast_buffers=False)
         else:
             self.student_ddp = self.student
+        # the forward the step calls; student_ddp stays the module that is saved/unwrapped
+        self.student_forward: Callable[..., torch.Tensor] = self.student_ddp
+        if r.run.compile:
+            self.student_forward = torch.compile(self.student_ddp)
 
     def _build_optimizer(self) -> None:
         r = self.recipe
@@ -471,14 +483,22 @@ class Trainer:
             [p for p in self.method.parameters() if p.requires_grad]) if group]
         self.unlabelled_iter: _Cycle | None = None
         o = r.optim
+        fused = {"fused": True} if (o.fused if o.fused is not None
+                                    else self.device.type == "cuda") else {}
         if o.name == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+                params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
         else:
-            self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
+                                               **fused)
+        from facekd.train.amp import prepare_fused
+
+        prepare_fused(self.optimizer)
+        # steps skipped for a non-finite loss/gradient: a device counter, read when logging
+        self.skipped_steps = torch.zeros((), device=self.device)
         self.schedule = StepSchedule(self.optimizer, self.total_steps, self.warmup_steps,
                                      o.schedule, power=o.poly_power)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_mode.scaler)
 
     # ------------------------------------------------------------------ state
     def _head_state(self) -> dict[str, Any]:
@@ -510,7 +530,7 @@ class Trainer:
                                if k not in self.head_index},
                      "param_groups": opt_state["param_groups"]}
         unl = self.unlabelled_iter
-        per_rank = gather_objects({"rng": ckpt.capture_rng(),
+        per_rank = gather_objects({"rng": ckpt.capture_rng(self.device),
                                    "loader": self.loader.state_dict(),
                                    "unlabelled_loader": (self.unlabelled_loader.state_dict()
                                                          if self.unlabelled_loader else None),
@@ -527,6 +547,7 @@ class Trainer:
             "optimizer": opt_state,
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "skipped_steps": int(self.skipped_steps.item()),
             "ranks": per_rank,
             "seed": self.seed,
             "arch": self.recipe.student.arch,
@@ -550,7 +571,10 @@ class Trainer:
             return 0, 0, False
         if path is None:
             return 0, 0, False
-        state = ckpt.load_state(path, map_location=self.device)
+        # Always to the host: the RNG ByteTensors and the NumPy state must be CPU tensors
+        # (torch.set_rng_state and .numpy() refuse GPU ones); weights are copied into the
+        # device-resident modules by load_state_dict anyway.
+        state = ckpt.load_state(path, map_location="cpu")
         if state.get("arch") != self.recipe.student.arch:
             from facekd.errors import CheckpointError
 
@@ -575,12 +599,13 @@ class Trainer:
                                         "param_groups": saved_opt["param_groups"]})
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         step, epoch = int(state["step"]), int(state["epoch"])
         mid_epoch = bool(state["in_epoch"])
         self.unlabelled_state = None
         if same_world:
             mine = ranks[self.dist.rank]
-            ckpt.restore_rng(mine["rng"])
+            ckpt.restore_rng(mine["rng"], self.device)
             if mid_epoch:
                 self.loader.load_state_dict(mine["loader"])
             if self.unlabelled_loader is not None and mine["unlabelled_loader"] is not None:
@@ -607,10 +632,12 @@ class Trainer:
         from facekd.distill import TeacherOutput
 
         if self.cache is not None:
-            parts = [self.cache.lookup(keys[:n_labelled], flipped[:n_labelled], self.device)]
+            parts = [self.cache.lookup(keys[:n_labelled], flipped[:n_labelled], self.device,
+                                       with_centres=False)]
             if n_labelled < len(keys):
                 parts.append(self.unlabelled_cache.lookup(keys[n_labelled:],
-                                                          flipped[n_labelled:], self.device))
+                                                          flipped[n_labelled:], self.device,
+                                                          with_centres=False))
             emb = torch.cat([p.embedding for p in parts]) if len(parts) > 1 \
                 else parts[0].embedding
             return TeacherOutput(embedding=emb, centres=self.teacher_centres,
@@ -647,10 +674,10 @@ class Trainer:
             keys = torch.cat([torch.as_tensor(keys), torch.as_tensor(unlabelled["key"])])
             flipped = torch.cat([torch.as_tensor(flipped),
                                  torch.as_tensor(unlabelled["flipped"])])
-        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.amp
-                    else contextlib.nullcontext())
-        with autocast:
-            emb = self.student_ddp(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.amp_mode.autocast(dev):
+            emb = self.student_forward(images)
             feats = self.hooks.ordered() if self.hooks is not None else []
             teacher = self.teacher_output(images, keys, flipped, n_labelled)
             terms = self.method(StudentOutput(embedding=emb, features=feats,
@@ -662,25 +689,38 @@ class Trainer:
             weight = self.weights.get(name, 1.0)
             if weight:
                 total = total + weight * value.float()
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()} (terms: "
-                                     f"{ {k: float(v.detach()) for k, v in terms.items()} })")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         all_reduce_grads(self.replicated, self.dist)
-        grad_norm = float("nan")
-        if self.recipe.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            norms = [float(nn.utils.clip_grad_norm_(group, self.recipe.optim.clip_grad))
-                     for group in self.clip_groups]
-            grad_norm = norms[0]   # the backbone's, as arcface_torch logs it
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.schedule.step()
-        out = {"loss": float(total.detach()), "ce": float(ce.detach())}
-        out.update({name: float(v.detach()) for name, v in terms.items()})
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16
+        grad_norm = self._step(total)
+        # Detached device tensors: read (a sync) only on logging steps, by the loop.
+        out = {"loss": total.detach(), "ce": ce.detach()}
+        out.update({name: v.detach() for name, v in terms.items()})
         out["grad_norm"] = grad_norm
         return out
+
+    def _step(self, total: torch.Tensor) -> torch.Tensor:
+        """Clip, then step unless the loss or a gradient is non-finite (counted, not raised:
+        one bad batch in fp16 must not end a week-long run). Returns the grad norm."""
+        from facekd.train.amp import nonfinite_flag, step_unless
+
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        found_inf = nonfinite_flag(total, grads)
+        if self.dist.enabled:  # every rank skips together, or replicated parts diverge
+            import torch.distributed as tdist
+
+            tdist.all_reduce(found_inf, op=tdist.ReduceOp.MAX)
+        grad_norm = torch.full((), float("nan"), device=self.device)
+        if self.recipe.optim.clip_grad is not None:
+            norms = [nn.utils.clip_grad_norm_(group, self.recipe.optim.clip_grad)
+                     for group in self.clip_groups]
+            grad_norm = norms[0]   # the backbone's, as arcface_torch logs it
+        step_unless(self.optimizer, found_inf)
+        self.scaler.update()  # fp16: backs the scale off after an overflow
+        self.skipped_steps += found_inf
+        self.schedule.step()
+        return grad_norm
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict[str, float]:
@@ -736,7 +776,8 @@ class Trainer:
             self.unlabelled_iter = _Cycle(self.unlabelled_loader,
                                           self.unlabelled_state if resumed else epoch,
                                           mid_epoch=resumed)
-        last: dict[str, float] = {}
+        last: dict[str, Any] = {}
+        skipped_logged = int(self.skipped_steps.item())
         eval_results: dict[str, float] = {}
         eval_step = -1
         window_start, window_steps = time.perf_counter(), 0
@@ -763,10 +804,18 @@ class Trainer:
                 if step % r.run.log_every == 0 or step == stop_at:
                     elapsed = time.perf_counter() - window_start
                     ips = window_steps * global_batch / max(elapsed, 1e-9)
-                    logged = {f"loss/{k}": mean_scalar(v, self.dist, self.device)
+                    logged = {f"loss/{k}": mean_scalar(float(v), self.dist, self.device)
                               for k, v in values.items() if k != "grad_norm"}
                     logged.update({"lr": self.schedule.get_last_lr()[0], "epoch": epoch,
-                                   "images_per_s": ips, "grad_norm": values["grad_norm"]})
+                                   "images_per_s": ips,
+                                   "grad_norm": float(values["grad_norm"]),
+                                   "skipped_steps": int(self.skipped_steps.item())})
+                    if self.scaler.is_enabled():  # fp16's "scale stuck at 0" shows here
+                        logged["amp_scale"] = float(self.scaler.get_scale())
+                    if logged["skipped_steps"] > skipped_logged:
+                        log.warning("step %d: %d step(s) skipped so far for a non-finite "
+                                    "loss or gradient", step, logged["skipped_steps"])
+                        skipped_logged = logged["skipped_steps"]
                     if metrics is not None:
                         metrics.add(step, logged)
                         log.info("step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s", step,
@@ -805,7 +854,8 @@ class Trainer:
             metrics.close()
         elapsed = time.perf_counter() - t_start
         return {"step": step, "epoch": epoch, "start_step": start_step,
-                "last_losses": last, "eval": eval_results,
+                "last_losses": {k: float(v) for k, v in last.items()}, "eval": eval_results,
+                "skipped_steps": int(self.skipped_steps.item()),
                 "train_seconds": elapsed,
                 "images_per_s": (step - start_step) * global_batch / max(elapsed, 1e-9)}
 
@@ -831,7 +881,8 @@ class Trainer:
             "run": str(self.out), "method": r.method.name, "student": r.student.arch,
             "teacher": r.teacher.checkpoint, "teacher_cache": r.teacher.cache,
             "seed": self.seed, "world_size": self.dist.world_size,
-            "device": str(self.device), "amp": self.amp, **self.reproducibility,
+            "device": str(self.device), "amp": self.amp_mode.name, **self.reproducibility,
+            "skipped_steps": result["skipped_steps"],
             "steps": result["step"], "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch, "epochs_done": result["epoch"],
             "resumed_from": self.resumed_from, "num_classes": self.num_classes,
