@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_support import (
@@ -375,3 +376,69 @@ def test_loaded_embedder_and_teacher_use_the_one_picker():
 
     assert facekd.models.embedder.pick_device is facekd.devices.pick_device
     assert facekd.train.ddp.pick_device is facekd.devices.pick_device
+
+
+# ---------------------------------------------------------------- AMP, channels_last, compile
+def test_amp_choice_per_device():
+    from facekd.errors import ConfigError
+    from facekd.train.amp import resolve_amp
+
+    cpu = torch.device("cpu")
+    for choice, name, dtype, scaler in [(True, "fp16", torch.float16, True),
+                                        ("fp16", "fp16", torch.float16, True),
+                                        ("bf16", "bf16", torch.bfloat16, False),
+                                        (False, "none", None, False),
+                                        ("none", "none", None, False)]:
+        mode = resolve_amp(choice, FAKE_GPU, bf16_supported=True)
+        assert (mode.name, mode.dtype, mode.scaler) == (name, dtype, scaler), choice
+    assert resolve_amp(True, cpu).name == "none"      # fp16 is a CUDA thing
+    assert resolve_amp("bf16", cpu).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="bf16 needs a GPU with bfloat16 support"):
+        resolve_amp("bf16", FAKE_GPU, bf16_supported=False)
+
+
+def test_bf16_channels_last_run_on_cpu(tmp_path, monkeypatch):
+    """run.amp=bf16 autocasts the step (no scaler), channels_last reaches the student."""
+    from facekd.models.registry import create_model as real_create
+
+    layouts: list[bool] = []
+    dtypes: list[torch.dtype] = []
+
+    def create(name, **kw):
+        model = real_create(name, **kw)
+        model.stage1.register_forward_pre_hook(  # training batches (not the shape probe)
+            lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last))
+            if a[0].shape[0] == 8 else None)
+        model.fc.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+        return model
+
+    monkeypatch.setattr("facekd.models.create_model", create)
+    out = train(tiny_recipe(tmp_path, "none", ("optim.epochs=1", "run.amp=bf16",
+                                               "run.channels_last=true")),
+                loader_factory=memory_loader_factory())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["amp"] == "bf16" and summary["steps"] == 4
+    assert layouts == [True] * 4 and torch.bfloat16 in dtypes
+    assert all(np.isfinite(v) for v in summary["last_losses"].values())
+
+
+def test_compile_key_trains_through_the_compiled_student(tmp_path, monkeypatch):
+    """run.compile hands the student to torch.compile, trains through what it returns and
+    saves the plain student's weights (stand-in compiler: the real one is a GPU check)."""
+    compiled: list[torch.nn.Module] = []
+    calls = []
+
+    def fake_compile(module, **kw):
+        compiled.append(module)
+
+        def forward(*a, **k):
+            calls.append(1)
+            return module(*a, **k)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = train(tiny_recipe(tmp_path, "none", ("optim.epochs=1", "run.compile=true")),
+                loader_factory=memory_loader_factory())
+    assert len(compiled) == 1 and len(calls) == 4
+    state = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    assert set(state) == set(compiled[0].state_dict())
