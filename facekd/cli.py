@@ -58,17 +58,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FacekdError as exc:
         if args.debug:
             raise
-        print(f"facekd: error: {exc}", file=sys.stderr)
+        print(f"facekd: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+    except OSError as exc:  # the environment (a path, the disk), not a bug in facekd
         if args.debug:
             raise
-        print(f"facekd: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        print(f"facekd: error: {one_line(describe_os_error(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("facekd: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError that reached the CLI: the path (when known) and the cause."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return f"cannot complete: {cause}"
+    where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+    return f"{where}: {cause}"
+
+
+def one_line(text: str) -> str:
+    """Messages embed file content and library text; the CLI promises one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def not_built(group: str, issue: str):

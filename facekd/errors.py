@@ -22,3 +22,8 @@ class DataError(FacekdError):
 
 class CheckpointError(FacekdError):
     """A checkpoint that cannot be loaded into the requested model."""
+
+
+class OutputError(FacekdError):
+    """An output path that cannot be written (read-only, no permission, disk full, a file
+    where a folder is needed); the message names the path and the cause."""

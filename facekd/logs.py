@@ -21,11 +21,37 @@ def setup_logging(verbosity: int = 0) -> None:
         root.addHandler(handler)
 
 
+class _FileLog(logging.FileHandler):
+    """A job's log file that goes quiet when its disk fills or vanishes.
+
+    logging's default prints a traceback per failed record; the job's own output
+    failure is what the user must see (one line, from the CLI), so a log that cannot be
+    written just stops, and the console keeps every message.
+    """
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+
+
 def add_file_log(path: str | Path) -> logging.Handler:
-    """Also log to ``path`` (appending, so a resumed job keeps one log); returns the handler."""
+    """Also log to ``path`` (appending, so a resumed job keeps one log); returns the handler.
+
+    An unwritable log location is an :class:`~facekd.errors.OutputError` naming it.
+    """
+    from facekd.fileio import make_dirs, output_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    make_dirs(path.parent)
+    try:
+        handler = _FileLog(path, encoding="utf-8")
+    except OSError as exc:
+        raise output_error(path, exc) from exc
     handler.setFormatter(logging.Formatter(FORMAT))
     logging.getLogger().addHandler(handler)
     return handler

@@ -162,9 +162,9 @@ def _write_outputs(out: Path, summary: dict[str, Any], counts: np.ndarray) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from facekd.fileio import atomic_path, write_json_atomic
+    from facekd.fileio import atomic_path, make_dirs, write_json_atomic
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(counts):
         bins = np.arange(0, int(counts.max()) + 2) if counts.max() < 60 else 60

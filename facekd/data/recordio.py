@@ -15,6 +15,7 @@ with no per-record Python objects beyond the result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import numbers
@@ -28,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from facekd.errors import DataError
+from facekd.fileio import make_dirs, output_error
 
 log = logging.getLogger(__name__)
 
@@ -733,13 +735,22 @@ class RecordWriter:
                  ) -> None:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
-        self.rec_path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.rec_path.parent)
         tag = f".tmp-{os.getpid()}"
         self._tmp_rec = self.rec_path.with_name(f".{self.rec_path.name}{tag}")
         self._tmp_idx = self.idx_path.with_name(f".{self.idx_path.name}{tag}")
-        self._rec = open(self._tmp_rec, "wb", buffering=1 << 20)  # noqa: SIM115
-        self._idx = open(self._tmp_idx, "w", encoding="ascii", newline="\n",  # noqa: SIM115
-                         buffering=1 << 16)
+        self._closed = True  # until both files are open: abort() then has nothing to drop
+        try:
+            self._rec = open(self._tmp_rec, "wb", buffering=1 << 20)  # noqa: SIM115
+            try:
+                self._idx = open(self._tmp_idx, "w", encoding="ascii",  # noqa: SIM115
+                                 newline="\n", buffering=1 << 16)
+            except OSError:
+                self._rec.close()
+                self._tmp_rec.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise output_error(self.rec_path, exc) from exc
         self._pos = 0
         self.count = 0
         self._closed = False
@@ -748,8 +759,11 @@ class RecordWriter:
         """Append one packed record (see :func:`pack_record`); returns its byte offset."""
         offset = self._pos
         framed = frame_record(record)
-        self._rec.write(framed)
-        self._idx.write(f"{int(key)}\t{offset}\n")
+        try:
+            self._rec.write(framed)
+            self._idx.write(f"{int(key)}\t{offset}\n")
+        except OSError as exc:
+            raise output_error(self.rec_path, exc) from exc
         self._pos += len(framed)
         self.count += 1
         return offset
@@ -757,10 +771,13 @@ class RecordWriter:
     def overwrite(self, offset: int, record: bytes) -> None:
         """Replace the record at ``offset`` by one of identical framed size (header patch)."""
         framed = frame_record(record)
-        self._rec.flush()
-        self._rec.seek(offset)
-        old = self._rec.tell()
-        self._rec.write(framed)
+        try:
+            self._rec.flush()
+            self._rec.seek(offset)
+            old = self._rec.tell()
+            self._rec.write(framed)
+        except OSError as exc:
+            raise output_error(self.rec_path, exc) from exc
         if self._rec.tell() - old != len(framed) or offset + len(framed) > self._pos:
             raise ValueError("overwrite must keep the framed record size")
         self._rec.seek(self._pos)
@@ -771,21 +788,27 @@ class RecordWriter:
     def close(self) -> None:
         if self._closed:
             return
+        try:
+            self._rec.close()
+            self._idx.close()
+            os.replace(self._tmp_rec, self.rec_path)
+            os.replace(self._tmp_idx, self.idx_path)
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.rec_path, exc) from exc
         self._closed = True
-        self._rec.close()
-        self._idx.close()
-        os.replace(self._tmp_rec, self.rec_path)
-        os.replace(self._tmp_idx, self.idx_path)
 
     def abort(self) -> None:
         """Drop both temporary files (nothing appears under the final names)."""
         if self._closed:
             return
         self._closed = True
-        self._rec.close()
-        self._idx.close()
+        for handle in (self._rec, self._idx):
+            with contextlib.suppress(OSError):  # a full disk fails the final flush too
+                handle.close()
         for tmp in (self._tmp_rec, self._tmp_idx):
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -815,10 +838,10 @@ def write_insightface_dataset(folder: str | os.PathLike, samples: Iterable[tuple
     with its ``[first, end)`` key range. Samples that already arrive grouped by label are
     written in one pass; otherwise a second pass reorders them from a scratch file.
     """
-    from facekd.fileio import write_text_atomic
+    from facekd.fileio import remove_stale_temps, write_text_atomic
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_dirs(folder)
+    remove_stale_temps(folder)  # a killed earlier run's .train.rec.tmp-PID
     rec_path = folder / "train.rec"
     labels = array("q")
     sorted_so_far = True

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from facekd.errors import DataError
-from facekd.fileio import atomic_path, write_json_atomic
+from facekd.fileio import atomic_path, make_dirs, remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -704,9 +704,10 @@ def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000
     """
     from facekd.logs import add_file_log
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PARTS_DIR).mkdir(exist_ok=True)
+    out = make_dirs(out)
+    make_dirs(out / PARTS_DIR)
+    for folder in (out, out / PARTS_DIR):  # temp files of a killed earlier run
+        remove_stale_temps(folder)
     handler = add_file_log(out / "convert.log")
     try:
         started = time.time()

@@ -55,8 +55,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str,
            "arch_kwargs": dict(arch_kwargs or {}), "state_dict": state,
            "head": head, "meta": dict(meta or {})}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # a file object: a full disk is an OSError, not a RuntimeError
     return path
 
 

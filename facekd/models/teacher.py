@@ -365,9 +365,9 @@ def write_centres(out: str | os.PathLike, centres: torch.Tensor, counts: torch.T
         with atomic_path(out, suffix=".npy") as tmp:
             np.save(tmp, centres.numpy().astype(np.float32))
     else:
-        with atomic_path(out) as tmp:
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
             torch.save({"format": "facekd-centres", "centres": centres, "counts": counts,
-                        **meta}, tmp)
+                        **meta}, f)
     return out
 
 
@@ -424,9 +424,9 @@ def teacher_centres(teacher_spec: str | os.PathLike, data: str | os.PathLike,
             since_save += 1
             if since_save >= save_every:
                 since_save = 0
-                with atomic_path(partial) as tmp:
+                with atomic_path(partial) as tmp, open(tmp, "wb") as f:
                     torch.save({"settings": settings, "sums": sums, "counts": counts,
-                                "loader": loader.state_dict()}, tmp)
+                                "loader": loader.state_dict()}, f)
 
         accumulate_class_sums(teacher, loader, sums, counts, on_batch)
         bar.close()

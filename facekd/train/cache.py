@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from facekd.errors import ConfigError, DataError
-from facekd.fileio import atomic_path, write_json_atomic
+from facekd.fileio import atomic_path, reserve_space, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +244,8 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                 return
             index = state["chunks"]
             name = f"chunk-r{rank}-{index:06d}.npz"
-            np.savez(chunks_dir / f".tmp-{name}", keys=np.concatenate(keys_buf),
-                     emb=np.concatenate(emb_buf))
-            (chunks_dir / f".tmp-{name}").replace(chunks_dir / name)
+            with atomic_path(chunks_dir / name, suffix=".npz") as tmp:
+                np.savez(tmp, keys=np.concatenate(keys_buf), emb=np.concatenate(emb_buf))
             keys_buf.clear()
             emb_buf.clear()
             state["chunks"] = index + 1
@@ -308,6 +307,7 @@ def _finalise(out: Path, chunks_dir: Path, np_dtype: type, settings: dict[str, A
     with atomic_path(out / "emb.npy", suffix=".npy") as tmp:
         emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype,
                                         shape=(len(keys), 2, dim))
+        reserve_space(tmp)  # a full disk fails here, not as SIGBUS inside the mapping
         start = 0
         for chunk, count in zip(chunk_files, counts, strict=True):
             with np.load(chunk) as z:

@@ -112,8 +112,8 @@ def save_state(run_dir: str | Path, step: int, state: dict[str, Any], keep: int 
     """Write ``checkpoints/step-XXXXXXXX.pt`` atomically; keep only the newest ``keep``."""
     path = checkpoint_dir(run_dir) / f"step-{step:08d}.pt"
     payload = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, **state}
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # a file object: a full disk is an OSError, not a RuntimeError
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
