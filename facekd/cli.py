@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks instead of one-line errors")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="let dataset.json, IJB meta, pair and landmark lists name files "
+                             "outside their folder (refused by default)")
     sub = parser.add_subparsers(dest="group", metavar="GROUP")
     sub.required = True
     for _, module in GROUPS:
@@ -53,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.allow_outside:
+        from facekd.inputs import allow_outside
+
+        allow_outside()
     try:
         result = args.func(args)
     except FacekdError as exc:

@@ -129,15 +129,19 @@ def align_folder(
     import cv2
     from tqdm import tqdm
 
+    from facekd.inputs import Folder
+
     images_dir, landmarks_file, out_dir = Path(images_dir), Path(landmarks_file), Path(out_dir)
     entries = read_landmarks_file(landmarks_file)
+    sources, targets = Folder(images_dir), Folder(out_dir)
     aligned = skipped = 0
     for lineno, name, coords in tqdm(entries, desc="align", unit="img", leave=False):
-        target = out_dir / name
+        where = f"{landmarks_file}:{lineno}"
+        source = sources.inside(name, where, "image")
+        target = targets.inside(name, where, "output")  # never written outside OUT
         if target.exists():
             skipped += 1
             continue
-        source = images_dir / name
         image = cv2.imread(str(source), cv2.IMREAD_COLOR)
         if image is None:
             raise DataError(f"{landmarks_file}:{lineno}: image {source} is missing or unreadable")

@@ -100,10 +100,33 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _image_bytes(item: Any, path: str, index: int) -> bytes:
     if isinstance(item, (bytes, bytearray)):
-        return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (1, 2):
-        return item.tobytes()
-    raise DataError(f"{path}: image {index} is {type(item).__name__}, expected encoded bytes")
+        blob = bytes(item)
+    elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (1, 2):
+        blob = item.tobytes()
+    else:
+        raise DataError(f"{path}: image {index} is {type(item).__name__}, "
+                        f"expected encoded bytes")
+    if not blob:
+        raise DataError(f"{path}: image {index} is empty (0 bytes)")
+    return blob
+
+
+def decode_image(blob: bytes, source: str, index: int, flags: int | None = None) -> np.ndarray:
+    """``cv2.imdecode`` of image ``index`` of a ``.bin``; every reader of a ``.bin``
+    decodes through here so a damaged image is a DataError naming its index (cv2 raises
+    its own error on an empty buffer and returns None on garbage)."""
+    import cv2
+
+    buf = np.frombuffer(blob, dtype=np.uint8)
+    img = None
+    if buf.size:
+        try:
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR if flags is None else flags)
+        except cv2.error:
+            img = None
+    if img is None or img.size == 0:
+        raise DataError(f"{source}: image {index} cannot be decoded ({len(blob)} bytes)")
+    return img
 
 
 def _to_bool(item: Any, path: str, index: int) -> bool:
@@ -167,10 +190,7 @@ def decode_bin_images(
     height, width = image_size
     out = np.empty((len(bins), 3, height, width), dtype=np.uint8)
     for index, blob in enumerate(bins):
-        buf = np.frombuffer(blob, dtype=np.uint8)
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-        if img is None:
-            raise DataError(f"{source}: image {index} cannot be decoded")
+        img = decode_image(blob, source, index)
         if img.shape[:2] != (height, width):
             img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
         out[index] = img[:, :, ::-1].transpose(2, 0, 1)
@@ -221,14 +241,17 @@ def read_pairs_file(
 ) -> list[tuple[Path, Path, bool]]:
     """Parse ``path1 path2 0|1`` lines; relative paths are relative to ``root``.
 
-    ``root`` defaults to the pairs file's folder.
+    ``root`` defaults to the pairs file's folder; a path that leaves it (absolute,
+    ``..``, a symlink) is refused unless outside paths are allowed (:mod:`facekd.inputs`).
     """
+    from facekd.inputs import Folder
+
     pairs_txt = Path(pairs_txt)
     try:
         lines = pairs_txt.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{pairs_txt}: cannot read pairs file ({exc})") from None
-    base = Path(root) if root is not None else pairs_txt.parent
+    base = Folder(Path(root) if root is not None else pairs_txt.parent)
     pairs = []
     for lineno, line in enumerate(lines, 1):
         fields = line.split()
@@ -236,7 +259,8 @@ def read_pairs_file(
             continue
         if len(fields) != 3 or fields[2] not in ("0", "1"):
             raise DataError(f"{pairs_txt}:{lineno}: expected 'path1 path2 0|1', got {line!r}")
-        first, second = (Path(p) if Path(p).is_absolute() else base / p for p in fields[:2])
+        first, second = (base.inside(p, f"{pairs_txt}:{lineno}", "image")
+                         for p in fields[:2])
         pairs.append((first, second, fields[2] == "1"))
     if not pairs:
         raise DataError(f"{pairs_txt}: no pairs")
@@ -310,9 +334,7 @@ def bin_info(path: str | os.PathLike, decode: bool = True) -> dict:
     if decode:
         shapes: Counter = Counter()
         for index, blob in enumerate(bins):
-            img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
-            if img is None:
-                raise DataError(f"{path}: image {index} cannot be decoded")
+            img = decode_image(blob, str(path), index, cv2.IMREAD_UNCHANGED)
             shapes["x".join(str(s) for s in img.shape)] += 1
         info["image_shapes"] = dict(shapes)
     return info

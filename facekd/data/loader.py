@@ -188,7 +188,8 @@ def decode_into(payload: bytes, out: np.ndarray, flip: bool, where: Any, key: in
     """
     import cv2
 
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR) \
+        if len(payload) else None  # cv2 raises its own error on an empty buffer
     if image is None:
         raise DataError(f"{where}: key {key}: not a decodable image ({len(payload)} bytes)")
     height, width = out.shape[1], out.shape[2]
@@ -215,7 +216,7 @@ def decode_batch(read: Any, rows: list[int], flips: list[bool], out: np.ndarray,
     colour, expected = cv2.IMREAD_COLOR, (out.shape[2], out.shape[3], 3)
     for plane, row, flipped in zip(out, rows, flips, strict=True):
         payload = read(row)
-        image = imdecode(frombuffer(payload, np.uint8), colour)
+        image = imdecode(frombuffer(payload, np.uint8), colour) if len(payload) else None
         if image is None or image.shape != expected:  # corrupt or another size
             decode_into(payload, plane, flipped, where, int(keys[row]), scratch)
             continue

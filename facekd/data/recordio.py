@@ -96,9 +96,12 @@ def label_to_int(label: Any, where: str = "record") -> int:
     """Identity of an image record: the scalar label, or element 0 of a label vector."""
     value = (label[0] if label.size else -1) if isinstance(label, np.ndarray) else label
     try:
-        return int(value)
+        result = int(value)
     except (ValueError, OverflowError):
         raise DataError(f"{where}: label {value} is not a finite number") from None
+    if not -(1 << 63) <= result < 1 << 63:  # a float32 label can reach 3.4e38
+        raise DataError(f"{where}: label {value} is out of range for a class index")
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -288,6 +291,7 @@ class RecordReader:
         self._open()
         if self.idx_path.is_file():
             keys, offsets = parse_idx(self.idx_path)
+            self._check_covers(offsets)
         else:
             log.warning("%s: no index file %s; scanning the records sequentially "
                         "(run 'facekd prep reindex' to write one)", self.rec_path,
@@ -303,6 +307,36 @@ class RecordReader:
     # -- set-up ---------------------------------------------------------------------
     def _open(self) -> None:
         self._file, self._mm, self._size = _map_file(self.rec_path)
+
+    def _check_covers(self, offsets: np.ndarray) -> None:
+        """An ``.idx`` must index the ``.rec`` to its last record: an empty or cut-short
+        index would silently drop every record after it."""
+        hint = f"rebuild it with 'facekd prep reindex {self.rec_path}'"
+        if not len(offsets):
+            if self._size:
+                raise DataError(f"{self.idx_path}: empty index beside a {self._size}-byte "
+                                f"{self.rec_path.name}; {hint}")
+            return
+        last = int(offsets.max())
+        if last < 0 or last + 8 > self._size or last & 3:
+            return  # _set_index names the bad offset
+        end = self._record_end(last)
+        if end is not None and end < self._size:
+            raise DataError(f"{self.idx_path}: indexes {len(offsets)} records ending at byte "
+                            f"{end}, but {self.rec_path.name} has {self._size} bytes (the "
+                            f"index is truncated or stale); {hint}")
+
+    def _record_end(self, pos: int) -> int | None:
+        """Byte after the (possibly multipart) record at ``pos``; None when damaged."""
+        while pos + 8 <= self._size:
+            magic, lrec = _FRAME.unpack_from(self._mm, pos)
+            if magic != MAGIC:
+                return None
+            length = lrec & LENGTH_MASK
+            pos += 8 + length + (-length & 3)
+            if lrec >> 29 in (0, 3):
+                return pos
+        return None
 
     def _set_index(self, keys: np.ndarray, offsets: np.ndarray) -> None:
         where = self.idx_path or self.rec_path

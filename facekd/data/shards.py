@@ -482,6 +482,8 @@ def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
                 block = read_block(lo, hi, skip_bad, bad)
             else:
                 block = samples_block(source, lo, hi, skip_bad, bad)
+            if getattr(source, "decode_check", False):
+                block = decodable_only(block, getattr(source, "path", final), skip_bad, bad)
             n = len(block.keys)
             if not n:
                 continue
@@ -503,6 +505,53 @@ def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
         source.release()
     return {"shard": shard, "samples": len(index), "bad": len(bad),
             "part": (index, bad_keys, bad_errors)}
+
+
+def decodable_only(block: SampleBlock, where: Any, skip_bad: bool,
+                   bad: list[tuple[int, str]]) -> SampleBlock:
+    """``block`` without the images OpenCV cannot decode (``--verify``): the signature
+    and end-marker checks pass a JPEG whose body is garbage, which would otherwise be
+    copied into the shards and fail only when training reads it."""
+    import cv2
+
+    keep = np.ones(len(block.keys), bool)
+    with _libjpeg_quiet():  # its "Corrupt JPEG data" chatter would break the one-line error
+        for i, payload in enumerate(block.payloads):
+            buf = np.frombuffer(payload, np.uint8)
+            try:
+                image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+            except cv2.error:
+                image = None
+            keep[i] = image is not None and image.size > 0
+    for i in np.flatnonzero(~keep).tolist():
+        error = (f"{where}: key {int(block.keys[i])}: image of {len(block.payloads[i])} bytes "
+                 f"cannot be decoded")
+        if not skip_bad:
+            raise DataError(error)
+        bad.append((int(block.keys[i]), error))
+    if keep.all():
+        return block
+    return SampleBlock(block.keys[keep], block.labels[keep], block.flags[keep],
+                       block.exts[keep], block.sizes[keep],
+                       [p for p, k in zip(block.payloads, keep.tolist(), strict=True) if k])
+
+
+@contextlib.contextmanager
+def _libjpeg_quiet() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a moment (libjpeg writes warnings there)."""
+    try:
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def write_part(path: Path, part: Part) -> None:
@@ -711,6 +760,7 @@ def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000
     handler = add_file_log(out / "convert.log")
     try:
         started = time.time()
+        source.decode_check = verify  # decode every image while writing (see decodable_only)
         tasks = _plan(len(source), shard_size)
         plan_file = out / PARTS_DIR / "plan.json"
         plan = {"source": source.describe(), "samples": len(source), "shard_size": shard_size}
@@ -861,9 +911,12 @@ def _write_dataset_json(out: Path, tasks: Sequence[tuple[int, int, int]], source
 
         write_text_atomic(out / "bad_records.txt", "".join(f"{k}\t{e}\n" for k, e in bad))
         log.warning("%s: skipped %d bad records (listed in bad_records.txt)", out, len(bad))
-    return {"out": str(out), "samples": samples, "shards": len(tasks),
-            "num_classes": num_classes, "bad_records": len(bad),
-            "bad_examples": [e for _, e in bad[:5]]}
+    summary = {"out": str(out), "samples": samples, "shards": len(tasks),
+               "num_classes": num_classes, "bad_records": len(bad),
+               "bad_examples": [e for _, e in bad[:5]]}
+    if bad:
+        summary["bad_records_file"] = str(out / "bad_records.txt")
+    return summary
 
 
 def _hex_digests(raw: np.ndarray) -> Any:

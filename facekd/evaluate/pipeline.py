@@ -77,12 +77,16 @@ class IJBImageSource:
         h = hashlib.sha256()
         for key in ("tid_mid", "lmk", "pairs"):
             h.update(sha256_file(self.protocol.files[key]).encode())
+        from facekd.inputs import Folder
+
         image_dir = self.protocol.image_dir
         if not image_dir.is_dir():
             raise DataError(f"{image_dir}: missing loose_crop image folder")
+        images = Folder(image_dir)
         for i, name in enumerate(self.protocol.names):
+            path = images.inside(name, f"{self.lmk_file}:{i + 1}", "image")
             try:
-                size = os.stat(image_dir / name).st_size
+                size = os.stat(path).st_size
             except OSError:
                 raise DataError(f"{self.lmk_file}:{i + 1}: image {image_dir / name} "
                                 f"does not exist") from None
