@@ -56,7 +56,7 @@ class Folder:
         real = os.path.realpath(path)
         if real != self._real and not real.startswith(self._prefix):
             raise DataError(f"{where}: {what} {text!r} lies outside {self.root} "
-                            f"(resolves to {real}); pass --allow-outside to read it")
+                            f"(resolves to {real}); pass --allow-outside to allow it")
         return path
 
 

@@ -38,6 +38,18 @@ class _FileLog(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         self.failed = True
 
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.failed = True
+
+    def close(self) -> None:  # a full disk fails the last flush; the job's error matters
+        try:
+            super().close()
+        except OSError:
+            self.failed = True
+
 
 def add_file_log(path: str | Path) -> logging.Handler:
     """Also log to ``path`` (appending, so a resumed job keeps one log); returns the handler.

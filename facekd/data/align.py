@@ -135,7 +135,8 @@ def align_folder(
     entries = read_landmarks_file(landmarks_file)
     sources, targets = Folder(images_dir), Folder(out_dir)
     aligned = skipped = 0
-    for lineno, name, coords in tqdm(entries, desc="align", unit="img", leave=False):
+    for lineno, name, coords in tqdm(entries, desc="align", unit="img", leave=False,
+                                     disable=None):
         where = f"{landmarks_file}:{lineno}"
         source = sources.inside(name, where, "image")
         target = targets.inside(name, where, "output")  # never written outside OUT

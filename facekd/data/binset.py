@@ -286,7 +286,8 @@ def make_bin(
     cache: dict[Path, bytes] = {}
     bins: list[bytes] = []
     issame: list[bool] = []
-    for first, second, same in tqdm(pairs, desc="make-bin", unit="pair", leave=False):
+    for first, second, same in tqdm(pairs, desc="make-bin", unit="pair", leave=False,
+                                    disable=None):
         for image_path in (first, second):
             if image_path not in cache:
                 cache[image_path] = _read_pair_image(image_path, resize, quality)

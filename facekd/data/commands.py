@@ -46,7 +46,8 @@ def _folder2shards(args: argparse.Namespace) -> int:
 
 
 def _shards2rec(args: argparse.Namespace) -> int:
-    summary = _call("facekd.data.shards", "shards2rec", source=args.source, out=args.out)
+    summary = _call("facekd.data.shards", "shards2rec", source=args.source, out=args.out,
+                    verify=args.verify)
     _print_json(summary)
     return 0
 
@@ -136,6 +137,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = psub.add_parser("shards2rec", help="tar shards -> insightface train.rec/idx/property")
     p.add_argument("source", help="shards folder (with manifest.parquet)")
     p.add_argument("out", help="output dataset folder")
+    p.add_argument("--verify", action="store_true",
+                   help="check every image against its sha1 in the manifest")
     p.set_defaults(func=_shards2rec)
 
     p = psub.add_parser("rec2folder", help="write the images of a .rec out for inspection")

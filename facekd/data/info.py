@@ -78,6 +78,11 @@ def dataset_info(source: str | os.PathLike, out: str | os.PathLike | None = None
                                    "shards": len(shards.shard_names), "records": len(shards)}
     else:
         summary, labels, flags, num_classes, payloads = _rec_summary(source, sample_images)
+    from facekd.data.recordio import MAX_CLASSES
+
+    if len(labels) and (labels.max() >= MAX_CLASSES or num_classes > MAX_CLASSES):
+        raise DataError(f"{source}: labels reach {int(labels.max())} (num_classes "
+                        f"{num_classes}); beyond {MAX_CLASSES:,} classes is not a face dataset")
     counts = np.bincount(labels[labels >= 0], minlength=num_classes) if len(labels) else \
         np.zeros(num_classes, np.int64)
     summary.update({

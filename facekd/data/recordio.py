@@ -708,6 +708,9 @@ class RecordReader:
         return int(labels.max()) + 1 if len(labels) else 0
 
 
+MAX_CLASSES = 1 << 26  # 67M; the largest public face set has about 4M identities
+
+
 def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
     """``(num_classes, height, width)`` from an insightface ``property`` file."""
     path = Path(path)
@@ -724,6 +727,8 @@ def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
         values = []
     if len(values) < 1 or values[0] < 0:
         raise DataError(f"{path}: first line {first[:60]!r} is not 'num_classes,height,width'")
+    if values[0] > MAX_CLASSES:
+        raise DataError(f"{path}: num_classes {values[0]} is beyond {MAX_CLASSES:,}")
     while len(values) < 3:
         values.append(112)
     return values[0], values[1], values[2]
@@ -751,6 +756,8 @@ def open_rec(path: str | os.PathLike) -> RecordReader:
     """Open a dataset folder or ``.rec`` file (``.idx`` and ``property`` read from beside it)."""
     rec = find_rec(path)
     prop = rec.parent / "property"
+    if prop.is_file():
+        read_property(prop)  # a damaged property is named now, not swallowed later
     return RecordReader(rec, rec.with_suffix(".idx"), property_path=prop)
 
 

@@ -946,36 +946,16 @@ class ShardSet:
     """Random access to a shards folder through its manifest (one mmap per tar, lazily)."""
 
     def __init__(self, folder: str | os.PathLike, max_open: int | None = None) -> None:
+        from facekd.data.shard_meta import load_shards_meta
+
         self.folder = Path(folder)
         self.max_open = max_open  # None: keep every shard mapped (random access)
-        meta_path = self.folder / DATASET_JSON
-        manifest = self.folder / MANIFEST
-        if not manifest.is_file():
-            raise DataError(f"{manifest}: missing; not a facekd shards folder "
-                            f"(convert with 'facekd prep rec2shards')")
-        try:
-            self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{meta_path}: not valid JSON ({exc.msg})") from None
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(manifest, columns=["key", "label", "shard", "offset",
-                                                     "size"])
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise DataError(f"{manifest}: cannot read the manifest ({exc})") from None
-        self.keys = table.column("key").to_numpy()
-        self.labels = table.column("label").to_numpy()
-        self.shards = table.column("shard").to_numpy().astype(np.int64)
-        self.offsets = np.ascontiguousarray(table.column("offset").to_numpy(), np.int64)
-        self.sizes = np.ascontiguousarray(table.column("size").to_numpy(), np.int64)
-        names = self.meta.get("shards")
-        if names is None:
-            top = int(self.shards.max()) + 1 if len(self.shards) else 0
-            names = [SHARD_PATTERN.format(i) for i in range(top)]
-        self.shard_names: list[str] = list(names)
-        self.num_classes = int(self.meta.get("num_classes") or
-                               (int(self.labels.max()) + 1 if len(self.labels) else 0))
+        checked = load_shards_meta(self.folder)  # every value validated before use
+        self.meta = checked.meta
+        self.keys, self.labels, self.shards = checked.keys, checked.labels, checked.shards
+        self.offsets, self.sizes = checked.offsets, checked.sizes
+        self.shard_names: list[str] = checked.shard_names
+        self.num_classes = checked.num_classes
         self._maps: OrderedDict[int, Any] = OrderedDict()
         self._views: tuple[memoryview, ...] | None = None
 
@@ -1031,17 +1011,29 @@ def is_shards_folder(path: str | os.PathLike) -> bool:
 
 
 def shards2rec(source: str | os.PathLike, out: str | os.PathLike,
-               progress: bool = True) -> dict[str, Any]:
-    """Shards folder -> insightface ``train.rec``/``train.idx``/``property`` (grouped by label)."""
+               progress: bool = True, verify: bool = False) -> dict[str, Any]:
+    """Shards folder -> insightface ``train.rec``/``train.idx``/``property`` (grouped by label).
+
+    ``verify`` checks every image against the manifest's sha1 before writing it.
+    """
+    import hashlib
+
     from facekd.data.recordio import write_insightface_dataset
+    from facekd.data.shard_meta import manifest_sha1
 
     shards = ShardSet(source, max_open=4)
     order = np.argsort(shards.labels, kind="stable")
     labels = shards.labels
+    digests = manifest_sha1(source) if verify else None
 
     def samples() -> Iterator[tuple[int, bytes]]:
         for i in order.tolist():
-            yield int(labels[i]), shards.read(i)
+            payload = shards.read(i)
+            if digests is not None and hashlib.sha1(payload).hexdigest() != digests[i]:
+                raise DataError(f"{shards.folder / shards.shard_names[shards.shards[i]]}: "
+                                f"sample {int(shards.keys[i])} does not match its sha1 in "
+                                f"{MANIFEST} (verify failed)")
+            yield int(labels[i]), payload
 
     try:
         summary = write_insightface_dataset(out, samples(), shards.num_classes,

@@ -415,7 +415,7 @@ def teacher_centres(teacher_spec: str | os.PathLike, data: str | os.PathLike,
             log.info("resuming teacher centres from %s", partial)
         done = loader.state_dict().get("batches_done", 0)
         bar = tqdm(total=len(loader), initial=done, desc="teacher centres", unit="batch",
-                   disable=not progress)
+                   disable=None if progress else True)  # None: no bar when not a tty
         since_save = 0
 
         def on_batch() -> None:

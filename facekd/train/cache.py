@@ -235,7 +235,7 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
         bar = tqdm(total=total_batches, initial=min(total_batches,
                                                     state["chunks"] * chunk_batches),
                    desc="teacher cache", unit="batch",
-                   disable=not (progress and info.is_main))
+                   disable=None if progress and info.is_main else True)  # tty only
         keys_buf: list[np.ndarray] = []
         emb_buf: list[np.ndarray] = []
 
