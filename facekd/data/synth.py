@@ -132,7 +132,8 @@ def _run_jobs(jobs: list[tuple], workers: int, desc: str, progress: bool
     from tqdm import tqdm
 
     total = sum(len(job[3]) for job in jobs)
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=None if progress else True,
+               leave=False)  # None: no bar when stderr is not a terminal
     try:
         if workers <= 1 or len(jobs) < 4:
             for job in jobs:
