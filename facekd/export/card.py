@@ -16,9 +16,10 @@ from facekd.fileio import write_json_atomic, write_text_atomic
 
 
 def card_paths(model_path: str | Path) -> tuple[Path, Path]:
-    """``x.onnx`` -> (``x.card.json``, ``x.card.md``)."""
+    """``x.onnx`` -> (``x.card.json``, ``x.card.md``); other formats keep their extension
+    (``x.tflite.card.json``) so an ONNX and a LiteRT file of one stem never share a card."""
     model_path = Path(model_path)
-    stem = model_path.with_suffix("")
+    stem = model_path.with_suffix("") if model_path.suffix == ".onnx" else model_path
     return stem.with_name(stem.name + ".card.json"), stem.with_name(stem.name + ".card.md")
 
 
@@ -89,6 +90,13 @@ def _file_entry(card: dict[str, Any], variant: str) -> dict[str, Any]:
     return {k: info.get(k) for k in ("file", "sha256", "bytes")}
 
 
+def _challenge(result: dict[str, Any] | None) -> str:
+    """The insightface challenge checks are ONNX-only: other formats show n/a."""
+    if result is None:
+        return "n/a"
+    return "pass" if result.get("passed") else "fail"
+
+
 def _fmt(value: Any, spec: str = ".4f") -> str:
     if value is None:
         return "–"
@@ -112,6 +120,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"normalisation **{i['normalization']}** — {i['expects']}",
         f"- **Output**: `{card['output']['name']}` {card['output']['shape']} "
         f"({card['output']['note']})",
+        *([f"- **Runtime**: {card['runtime'].get('package')} "
+            f"{card['runtime'].get('version', '')} — {card['runtime'].get('checked_with', '')}"]
+          if card.get("runtime") else []),
         f"- **Variant of this file**: {file.get('variant', '–')}, sha256 `{file.get('sha256')}`",
         "",
         "## Source",
@@ -150,7 +161,7 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"| {name} | {v.get('file')} | {_fmt((v.get('bytes') or 0) / 1e6, '.2f')} "
             f"| {_fmt(p.get('max_abs_diff'), '.2e')} | {_fmt(p.get('max_one_minus_cos'), '.2e')} "
             f"| {_fmt(e.get('accuracy'))} | {_fmt(e.get('drop_vs_fp32'))} "
-            f"| {'pass' if v.get('challenge', {}).get('passed') else 'fail'} "
+            f"| {_challenge(v.get('challenge'))} "
             f"| {ins.get('loaded_as', '–') if ins.get('checked') else 'not checked'} "
             f"| {status}{': ' + verdict['reason'] if verdict.get('reason') else ''} |")
     lines += ["", "## Versions", ""]

@@ -904,8 +904,9 @@ def judge_variants(variants: dict[str, dict[str, Any]], *, max_drop: float,
         if not parity["passed"]:
             reasons.append(f"1-cos vs torch {parity['max_one_minus_cos']:.3g} > "
                            f"{parity['thresholds']['max_one_minus_cos']:.3g}")
-        if not info["challenge"].get("passed", False):
-            failed = [k for k, v in info["challenge"].items() if v is False]
+        challenge = info.get("challenge")  # ONNX files only
+        if challenge is not None and not challenge.get("passed", False):
+            failed = [k for k, v in challenge.items() if v is False]
             reasons.append(f"challenge checks failed: {', '.join(failed)}")
         evaluation = info.get("evaluation")
         if evaluation is None:
