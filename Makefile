@@ -1,5 +1,6 @@
 # The two README commands: `make demo` (main job on the embedded default) and `make test`.
-# Both create .venv and install the pinned set first; reruns skip the install.
+# Both create .venv and install the pinned set (with the `edge` runtimes) first; reruns skip
+# the install.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,10 @@ STAMP := $(VENV)/.facekd-installed
 
 .PHONY: install demo test lint bench
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-edge.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet -r requirements.lock -r requirements-edge.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -130,14 +130,13 @@ class NcnnEmbedder:
 
     def run_one(self, chw: np.ndarray) -> np.ndarray:
         """One CHW float32 image as the file expects it -> its embedding."""
-        import ncnn
-
+        image = _mat(chw)
         with self.net.create_extractor() as ex:
-            ex.input(self.input_name, ncnn.Mat(np.ascontiguousarray(chw, np.float32)))
+            ex.input(self.input_name, image)
             ret, out = ex.extract(self.output_name)
-        if ret != 0:
-            raise FacekdError(f"{self.name}: ncnn failed to run the file (code {ret})")
-        return np.array(out, np.float32).reshape(-1)
+            if ret != 0:
+                raise FacekdError(f"{self.name}: ncnn failed to run the file (code {ret})")
+            return np.array(out, np.float32).reshape(-1)  # a copy, made while out is alive
 
     def __call__(self, batch: Any) -> np.ndarray:
         x = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
@@ -145,6 +144,15 @@ class NcnnEmbedder:
         if self.normalize_inside:
             x = x * 127.5 + 127.5
         return np.stack([self.run_one(img) for img in x])
+
+
+def _mat(chw: np.ndarray) -> Any:
+    """An ncnn.Mat owning a copy of ``chw``: ``ncnn.Mat(array)`` only borrows the numpy
+    buffer, which a temporary array frees before the extractor reads it."""
+    import ncnn
+
+    array = np.ascontiguousarray(chw, np.float32)  # alive until clone() has copied it
+    return ncnn.Mat(array).clone()
 
 
 # ----------------------------------------------------------------------------- INT8
@@ -238,15 +246,14 @@ def read_weights(layers: list[_Layer], path: Path) -> None:
 def calibrate(param: Path, weights: Path, layers: list[_Layer], images: np.ndarray
               ) -> dict[str, float]:
     """max |x| of every quantised layer's input blob over ``images`` (CHW float32)."""
-    import ncnn
-
     net = load_net(param, weights, NcnnOptions())
     net.opt.lightmode = False
     wanted = sorted({layer.bottoms[0] for layer in layers if layer.type in QUANTISED_LAYERS})
     peaks = dict.fromkeys(wanted, 0.0)
     for img in images:
+        image = _mat(img)
         with net.create_extractor() as ex:
-            ex.input(net.input_names()[0], ncnn.Mat(np.ascontiguousarray(img, np.float32)))
+            ex.input(net.input_names()[0], image)
             for blob in wanted:
                 ret, out = ex.extract(blob)
                 if ret != 0:
