@@ -189,48 +189,102 @@ def _run(out: Path, size: DemoSize, seed: int) -> Path:
     models = {"teacher": teacher / "student.pt", "student alone": alone / "student.pt",
               "student + SRD": srd / "student.pt"}
     rows_path = evaluation / "compare_rows.json"  # every figure in %
-    timed("evaluate teacher and students", rows_path.exists,
-          lambda: write_json_atomic(rows_path, run_compare(
+    inputs = _eval_inputs(synth, list(models.values()))
+
+    def evaluated() -> bool:  # the same models on the same evaluation files
+        saved = json.loads(rows_path.read_text()) if rows_path.exists() else None
+        return isinstance(saved, dict) and saved.get("inputs") == inputs
+
+    timed("evaluate teacher and students", evaluated,
+          lambda: write_json_atomic(rows_path, {"inputs": inputs, "rows": run_compare(
               [str(p) for p in models.values()], [str(synth / f"{b}.bin") for b in BINS],
-              evaluation, ijb_dir=synth / "ijb", cache_dir=out / "embedding_cache")))
-    rows = json.loads(rows_path.read_text())
+              evaluation, ijb_dir=synth / "ijb", cache_dir=out / "embedding_cache")}))
+    rows = json.loads(rows_path.read_text())["rows"]
     onnx_path = export / "student_srd.onnx"
     timed("export the SRD student to ONNX", lambda: onnx_path.exists(),
           lambda: export_onnx(srd, onnx_path, eval_bin=synth / "lfw.bin"))
-    report = write_report(out, list(models), rows, timings, size, seed)
+    import numpy as np
+
+    with np.load(evaluation / "compare_replicates.npz") as npz:
+        replicates = {k: npz[k] for k in npz.files}
+    header = json.loads((evaluation / "compare.json").read_text())["header"]
+    report = write_report(out, list(models), rows, timings, size, seed, replicates,
+                          [h for h in header if h.startswith("protocol ")])
     log.info("demo: report written to %s", report)
     return report
+
+
+def _eval_inputs(synth: Path, models: list[Path]) -> str:
+    """Fingerprint of what the evaluation read: the evaluation sets' hashes (from
+    ``synth.json``) and the model files, so a regenerated set is scored again."""
+    import hashlib
+
+    from facekd.fileio import sha256_file
+
+    files = json.loads((synth / "synth.json").read_text())["files"]
+    wanted = {k: v for k, v in files.items() if k.endswith(".bin") or k.startswith("ijb")}
+    blob = json.dumps([wanted, [sha256_file(p) for p in models]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _cache_complete(cache: Path) -> bool:
     return bool(json.loads((cache / "meta.json").read_text()).get("complete"))
 
 
-def gap_share(teacher: float, alone: float, method: float) -> float | None:
-    """Share of the teacher-student gap a method closes (None when there is no gap)."""
-    gap = teacher - alone
-    return None if abs(gap) < 1e-12 else (method - alone) / gap
+def gap_lines(rows: list[dict[str, Any]], replicates: dict[str, Any]) -> list[str]:
+    """Per metric, the teacher-student gap and the share SRD closes, each with its
+    interval; the share only where the gap exceeds its interval (rows: teacher, student
+    alone, student + SRD, as ``run_compare`` returns them)."""
+    from facekd.evaluate.stats import Estimate, gap_closed
+
+    lines = []
+    for metric in rows[0]["cells"]:
+        cells = [r["cells"][metric] for r in rows]
+        reps = [replicates.get(f"{i}|{metric}") for i in range(3)]
+        if any(c["value"] is None for c in cells):
+            continue  # below the protocol's resolution floor: the table says so
+        if any(r is None for r in reps):
+            lines.append(f"- {metric}: no intervals")
+            continue
+        t, a, m = (Estimate(c["value"], r) for c, r in zip(cells, reps, strict=True))
+        gap = Estimate(t.value - a.value, t.replicates - a.replicates).interval()
+        share = gap_closed(t, a, m)
+        text = (f"- {metric}: teacher - student alone {gap.format(2)} points; "
+                + ("the gap is within its interval, no share" if share is None
+                   else f"SRD closes {share.scaled(100).format(0)} % of it"))
+        lines.append(text)
+    return lines
 
 
 def write_report(out: Path, names: list[str], rows: list[dict[str, Any]],
-                 timings: dict[str, float], size: DemoSize, seed: int) -> Path:
-    """``OUT/report.md`` and ``OUT/report.png``: the three models side by side."""
+                 timings: dict[str, float], size: DemoSize, seed: int,
+                 replicates: dict[str, Any] | None = None,
+                 protocol_lines: list[str] | None = None) -> Path:
+    """``OUT/report.md`` and ``OUT/report.png``: the three models side by side, every
+    figure with its interval or "n/a" below the protocol's resolution floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
+    from facekd.evaluate.stats import FLOOR_RULE, interval_rule
     from facekd.fileio import atomic_path, write_text_atomic
 
-    metrics = [k for k in rows[0] if k not in ("model", "model_sha256")]
+    metrics = [k for k in rows[0]["cells"] if all(r["cells"][k]["value"] is not None
+                                                   for r in rows)]
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(metrics)), 4.5))
     width = 0.8 / len(rows)
     for i, (name, row) in enumerate(zip(names, rows, strict=True)):
-        values = [float(row[k]) for k in metrics]
-        ax.bar([m + i * width for m in range(len(metrics))], values, width, label=name)
+        cells = [row["cells"][k] for k in metrics]
+        values = np.array([c["value"] for c in cells], dtype=float)
+        low = np.array([c["low"] if c["low"] is not None else c["value"] for c in cells])
+        high = np.array([c["high"] if c["high"] is not None else c["value"] for c in cells])
+        ax.bar([m + i * width for m in range(len(metrics))], values, width, label=name,
+               yerr=np.stack([values - low, high - values]), capsize=2)
     ax.set_xticks([m + width * (len(rows) - 1) / 2 for m in range(len(metrics))])
     ax.set_xticklabels(metrics, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("%")
+    ax.set_ylabel("% (bars: 95 % bootstrap intervals)")
     ax.set_title("facekd demo: held-out synthetic identities")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
@@ -239,19 +293,20 @@ def write_report(out: Path, names: list[str], rows: list[dict[str, Any]],
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
+    columns = list(rows[0]["cells"])
     lines = ["# facekd demo report", "",
              f"Preset sizes: `{asdict(size)}`, seed {seed}. Rerun: `facekd demo --out {out}`.",
-             "", "![comparison](report.png)", "",
-             "| model | " + " | ".join(metrics) + " |",
-             "|---|" + "---|" * len(metrics)]
+             "", f"- {FLOOR_RULE}.", f"- {interval_rule()}."]
+    lines += [f"- {line}" for line in protocol_lines or []]
+    lines += ["", "![comparison](report.png)", "",
+              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, row in zip(names, rows, strict=True):
-        lines.append(f"| {name} | " + " | ".join(f"{float(row[k]):.2f}"
-                                                 for k in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(row["cells"][k]["text"] for k in columns)
+                     + " |")
     if len(rows) == 3:
-        lines += ["", "Share of the teacher-student gap closed by SRD:", ""]
-        for k in metrics:
-            share = gap_share(*(float(r[k]) for r in rows))
-            lines.append(f"- {k}: " + ("no gap" if share is None else f"{100 * share:.0f} %"))
+        lines += ["", "Teacher-student gap and the share of it SRD closes (differences "
+                  "of paired resamples):", ""]
+        lines += gap_lines(rows, replicates or {})
     lines += ["", "Step timings (s, 0 when reused): " +
               ", ".join(f"{k} {v}" for k, v in timings.items()), "",
               "Per-model details: `eval/compare.md`, ROC curves in `eval/`; the ONNX student "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import pickle
 
@@ -88,11 +89,18 @@ def test_ijb_and_compare(models, cache, verify_reports, tmp_path):
     out = tmp_path / "cmp"
     assert _run("compare", ckpt, onnx_path, "--bins", BIN, "--ijb", root, "--out", out,
                 "--cache-dir", cache) == 0
-    rows = (out / "compare.csv").read_text().splitlines()
+    rows = list(csv.reader((out / "compare.csv").read_text().splitlines()))
     assert len(rows) == 3 and "tiny_pairs acc" in rows[0] and "IJBC tar@far1e-04" in rows[0]
-    header, first = rows[0].split(","), rows[1].split(",")
-    acc = float(first[header.index("tiny_pairs acc")])
-    assert 1.0 < acc <= 100.0  # a percentage like the IJB columns, never a fraction
+    header, first = rows[0], rows[1]
+    acc, interval = first[header.index("tiny_pairs acc")].split(" ", 1)
+    assert 1.0 < float(acc) <= 100.0  # a percentage like the IJB columns, never a fraction
+    low, high = (float(v) for v in interval.strip("[]").split(", "))
+    assert low <= float(acc) <= high
+    # the tiny protocols cannot resolve these FARs: the reason, not a number
+    assert first[header.index("IJBC tar@far1e-04")].startswith("n/a (")
+    md = (out / "compare.md").read_text()
+    assert "at least 10/FAR impostor pairs" in md and "connected components" in md
+    assert (out / "compare_replicates.npz").is_file()
     assert (out / "roc_tiny_pairs.png").is_file() and (out / "roc_IJBC.png").is_file()
 
 

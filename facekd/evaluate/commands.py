@@ -35,6 +35,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                                        "or $FACEKD_CACHE/features)")
     p.add_argument("--no-cache", action="store_true", help="recompute features, cache nothing")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of subjects/templates for the 95 %% intervals "
+                        "(default 1000, seed 0; 0: no intervals)")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -43,7 +46,7 @@ def _verify(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, flip=not args.no_flip,
                            nrof_folds=args.folds, cache_dir=args.cache_dir,
                            use_cache=not args.no_cache, out=args.out,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, bootstrap=args.bootstrap)
     return 0
 
 
@@ -55,7 +58,7 @@ def _ijb(args: argparse.Namespace) -> int:
                         use_flip_test=not args.no_flip_test, batch_size=args.batch_size,
                         workers=args.workers, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache, out=args.out,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, bootstrap=args.bootstrap)
     return 0
 
 
@@ -65,7 +68,7 @@ def _compare(args: argparse.Namespace) -> int:
                             dataset=args.dataset, arch=args.arch, device=args.device,
                             batch_size=args.batch_size, workers=args.workers,
                             cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, bootstrap=args.bootstrap)
     return 0
 
 

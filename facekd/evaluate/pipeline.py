@@ -20,6 +20,17 @@ import numpy as np
 from facekd.errors import DataError
 from facekd.evaluate.embed import MODEL_BATCH, PREPROCESS, extract_features, split_flip
 from facekd.evaluate.ijb import IJBProtocol, config_name, read_protocol, score_ijb
+from facekd.evaluate.stats import (
+    BOOTSTRAP_SAMPLES,
+    FLOOR_RULE,
+    Interval,
+    bin_image_ids,
+    far_supported,
+    ijb_estimates,
+    interval_rule,
+    not_supported,
+    verification_estimates,
+)
 from facekd.evaluate.verification import FAR_GRID, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -123,6 +134,14 @@ class IJBImageSource:
 # ----------------------------------------------------------------------- evaluations
 
 
+def _add_bootstrap(result: dict[str, Any], summary: dict[str, Any]) -> None:
+    """JSON-ready intervals under ``"bootstrap"``, the paired replicates (arrays, left
+    out of JSON reports) under ``"replicates"``."""
+    estimates = summary.pop("estimates")
+    result["bootstrap"] = summary
+    result["replicates"] = {k: e.replicates for k, e in estimates.items()}
+
+
 def _provenance(embedder: Any) -> dict[str, str]:
     return {"model": getattr(embedder, "name", "") or type(embedder).__name__,
             "model_sha256": getattr(embedder, "sha256", "") or "unknown (in-memory model)"}
@@ -130,8 +149,10 @@ def _provenance(embedder: Any) -> dict[str, str]:
 
 def evaluate_bin(embedder: Any, bin_path: str | Path, batch_size: int = 256, *,
                  flip: bool = True, nrof_folds: int = 10, cache_dir: str | Path | None = None,
-                 use_cache: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Embed a ``.bin`` set (image + flip) and score it with :func:`verify_pairs`."""
+                 use_cache: bool = True, progress: bool = True,
+                 bootstrap: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
+    """Embed a ``.bin`` set (image + flip) and score it with :func:`verify_pairs`; with
+    ``bootstrap`` resamples, intervals under ``"bootstrap"`` (replicates: ``"replicates"``)."""
     source = BinImageSource(bin_path)
     feats = extract_features(embedder, source, batch_size=batch_size, flip=flip,
                              cache_dir=cache_dir, use_cache=use_cache, progress=progress,
@@ -141,6 +162,8 @@ def evaluate_bin(embedder: Any, bin_path: str | Path, batch_size: int = 256, *,
         result = verify_pairs(emb, emb_flip, source.issame, nrof_folds=nrof_folds)
     except DataError as exc:
         raise DataError(f"{bin_path}: {exc}") from None
+    _add_bootstrap(result, verification_estimates(
+        result, source.issame, bin_image_ids(source.bins), n_boot=bootstrap))
     result.update(_provenance(embedder))
     result.update({"dataset": Path(bin_path).stem, "dataset_file": str(bin_path),
                    "dataset_sha256": source.fingerprint,
@@ -154,8 +177,9 @@ def evaluate_ijb(embedder: Any, ijb_dir: str | Path, dataset: str = "IJBC", *,
                  use_norm_score: bool = True, use_detector_score: bool = True,
                  use_flip_test: bool = True, batch_size: int = 256, workers: int = 4,
                  cache_dir: str | Path | None = None, use_cache: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
-    """Full IJB-B/C pipeline: meta, alignment, image + flip embedding, 1:1 and 1:N scores."""
+                 progress: bool = True, bootstrap: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
+    """Full IJB-B/C pipeline: meta, alignment, image + flip embedding, 1:1 and 1:N scores,
+    and bootstrap intervals of TAR at every supported FAR."""
     from facekd.evaluate.identification import identify, read_one_to_n
 
     protocol = read_protocol(ijb_dir, dataset)
@@ -168,6 +192,8 @@ def evaluate_ijb(embedder: Any, ijb_dir: str | Path, dataset: str = "IJBC", *,
              "use_flip_test": use_flip_test}
     result = score_ijb(feats, protocol.faceness, protocol.templates, protocol.medias,
                        protocol.p1, protocol.p2, protocol.labels, **flags)
+    _add_bootstrap(result, ijb_estimates(result, protocol.p1, protocol.p2, protocol.labels,
+                                         FAR_GRID, n_boot=bootstrap))
     if lists is not None:
         result["identification"] = identify(result["template_feats"],
                                             result["unique_templates"], lists)
@@ -219,14 +245,38 @@ def _percent(fraction: float) -> float:
     return round(100 * float(fraction), 2)
 
 
+def _interval(res: dict[str, Any], key: str) -> Interval | None:
+    iv = res.get("bootstrap", {}).get("intervals", {}).get(key)
+    return None if iv is None else Interval(iv["value"], iv["low"], iv["high"])
+
+
+def _cell(res: dict[str, Any], key: str, value: float, percent: bool,
+          far: float | None = None) -> str:
+    """A figure as printed: value and interval, or "n/a (N impostor pairs)" below the
+    resolution floor (:func:`facekd.evaluate.stats.far_supported`)."""
+    n_imp = res.get("bootstrap", {}).get("impostor_pairs")
+    if far is not None and n_imp is not None and not far_supported(far, n_imp):
+        return not_supported(n_imp)
+    factor, digits = (100.0, 2) if percent else (1.0, 4)
+    iv = _interval(res, key)
+    if iv is None:
+        return f"{value * factor:.{digits}f}"
+    return iv.scaled(factor).format(digits)
+
+
 def verification_row(res: dict[str, Any]) -> dict[str, Any]:
+    """One ``eval verify`` row: insightface's fractions, with intervals and floors."""
+    n_imp = int(res["bootstrap"]["impostor_pairs"]) if "bootstrap" in res else None
+    val = res["val"] if n_imp is None or far_supported(1e-3, n_imp) else not_supported(n_imp)
     row = {"model": res["model"], "model_sha256": res["model_sha256"][:16],
            "dataset": res["dataset"], "dataset_sha256": res["dataset_sha256"][:16],
-           "pairs": res["num_pairs"], "acc": res["acc_mean"], "acc_std": res["acc_std"],
-           "val@far1e-3": res["val"], "val_std": res["val_std"], "far": res["far"],
-           "xnorm": res["xnorm"], "auc": res["auc"], "eer": res["eer"]}
+           "pairs": res["num_pairs"], "acc": _cell(res, "acc", res["acc_mean"], False),
+           "acc_std": res["acc_std"], "val@far1e-3": val,
+           "val_std": res["val_std"] if not isinstance(val, str) else "",
+           "far": res["far"], "xnorm": res["xnorm"], "auc": res["auc"], "eer": res["eer"]}
     for far in (1e-4, 1e-3):
-        row[f"tar@far{far:.0e}"] = res["tar_at_far"][far]
+        row[f"tar@far{far:.0e}"] = _cell(res, f"tar@{far:g}", res["tar_at_far"][far], False,
+                                         far)
     return row
 
 
@@ -235,7 +285,8 @@ def ijb_row(res: dict[str, Any]) -> dict[str, Any]:
            "dataset": res["dataset"], "dataset_sha256": res["dataset_sha256"][:16],
            "config": res["settings"]["config"], "pairs": res["num_pairs"]}
     for far in FAR_GRID:
-        row[f"tar@far{far:.0e}"] = round(100 * res["tar_at_far"][far], 2)
+        row[f"tar@far{far:.0e}"] = _cell(res, f"tar@{far:g}", res["tar_at_far"][far], True,
+                                         far)
     row["auc"] = res["auc"]
     ident = res.get("identification")
     if ident:
@@ -247,7 +298,10 @@ def ijb_row(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _header(results: Sequence[dict[str, Any]]) -> list[str]:
-    lines, seen = [], set()
+    lines, seen = [FLOOR_RULE], set()
+    boots = [r["bootstrap"] for r in results if "bootstrap" in r]
+    if boots:
+        lines.append(interval_rule(boots[0]["bootstrap_samples"], boots[0]["bootstrap_seed"]))
     for res in results:
         for key, label in (("model_sha256", f"model {res['model']}"),
                            ("dataset_sha256", f"dataset {res['dataset']}")):
@@ -256,6 +310,10 @@ def _header(results: Sequence[dict[str, Any]]) -> list[str]:
                 lines.append(f"{label}: sha256 {res[key]}")
     settings = {str(r["dataset"]): r["settings"] for r in results}
     lines += [f"settings {name}: {s}" for name, s in settings.items()]
+    protocols = {str(r["dataset"]): r["bootstrap"] for r in results if "bootstrap" in r}
+    lines += [f"protocol {name}: {b['genuine_pairs']:,} genuine / {b['impostor_pairs']:,} "
+              f"impostor pairs; intervals over {b['clusters']}"
+              for name, b in protocols.items()]
     return lines
 
 
@@ -263,11 +321,12 @@ def _write(out: str | Path | None, stem: str, rows: list[dict[str, Any]],
            results: list[dict[str, Any]], title: str, rocs: dict[str, dict[str, Any]]) -> None:
     from facekd.evaluate.report import markdown_table, plot_roc, write_json, write_table
 
+    header = _header(results)
+    print("\n".join(header[:2]))
     print(markdown_table(rows, list(rows[0])))
     if out is None:
         return
     out = Path(out)
-    header = _header(results)
     write_table(out, stem, rows, header, title)
     write_json(out / f"{stem}.json", {"header": header, "results": results})
     for dataset, curves in rocs.items():
@@ -279,11 +338,13 @@ def run_verify(model: str | Path, bins: Sequence[str | Path], *, arch: str | Non
                device: str | None = None, batch_size: int = 256, flip: bool = True,
                nrof_folds: int = 10, cache_dir: str | Path | None = None,
                use_cache: bool = True, out: str | Path | None = None,
-               progress: bool = True) -> list[dict[str, Any]]:
+               progress: bool = True, bootstrap: int = BOOTSTRAP_SAMPLES
+               ) -> list[dict[str, Any]]:
     """``facekd eval verify``: every ``.bin`` for one model, one table."""
     embedder = _load(model, arch, device)
     results = [evaluate_bin(embedder, b, batch_size, flip=flip, nrof_folds=nrof_folds,
-                            cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+                            cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+                            bootstrap=bootstrap)
                for b in bins]
     rows = [verification_row(r) for r in results]
     rocs = {r["dataset"]: {r["model"]: (r["roc_fpr"], r["roc_tpr"])} for r in results}
@@ -296,53 +357,92 @@ def run_ijb(model: str | Path, ijb_dir: str | Path, *, dataset: str = "IJBC",
             use_detector_score: bool = True, use_flip_test: bool = True,
             batch_size: int = 256, workers: int = 4, cache_dir: str | Path | None = None,
             use_cache: bool = True, out: str | Path | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, bootstrap: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
     """``facekd eval ijb``: 1:1 TAR@FAR (and 1:N when present) for one model."""
     embedder = _load(model, arch, device)
     res = evaluate_ijb(embedder, ijb_dir, dataset, use_norm_score=use_norm_score,
                        use_detector_score=use_detector_score, use_flip_test=use_flip_test,
                        batch_size=batch_size, workers=workers, cache_dir=cache_dir,
-                       use_cache=use_cache, progress=progress)
+                       use_cache=use_cache, progress=progress, bootstrap=bootstrap)
     rows = [ijb_row(res)]
     _write(out, "ijb", rows, [res], "facekd eval ijb",
            {res["dataset"]: {res["model"]: (res["fpr"], res["tpr"])}})
     return rows[0]
 
 
+COMPARE_FARS = (1e-5, 1e-4, 1e-3)
+
+
+def compare_cell(res: dict[str, Any], key: str, value: float,
+                 far: float | None = None) -> dict[str, Any]:
+    """One ``eval compare`` figure in %: value and interval, or value None with the
+    reason when the protocol cannot resolve that FAR; ``text`` is what the table shows."""
+    n_imp = res.get("bootstrap", {}).get("impostor_pairs")
+    if far is not None and n_imp is not None and not far_supported(far, n_imp):
+        return {"value": None, "low": None, "high": None, "text": not_supported(n_imp)}
+    iv = _interval(res, key)
+    cell = {"value": _percent(value), "low": None, "high": None, "text": f"{100 * value:.2f}"}
+    if iv is not None:
+        pct = iv.scaled(100.0)
+        cell.update(low=round(pct.low, 2), high=round(pct.high, 2), text=pct.format(2))
+    return cell
+
+
 def run_compare(models: Sequence[str | Path], bins: Sequence[str | Path], out: str | Path, *,
                 ijb_dir: str | Path | None = None, dataset: str = "IJBC",
                 arch: str | None = None, device: str | None = None, batch_size: int = 256,
                 workers: int = 4, cache_dir: str | Path | None = None, use_cache: bool = True,
-                progress: bool = True) -> list[dict[str, Any]]:
+                progress: bool = True, bootstrap: int = BOOTSTRAP_SAMPLES
+                ) -> list[dict[str, Any]]:
     """``facekd eval compare``: teacher and students side by side, one row per model.
 
     Every figure in a compare row is a percentage (accuracies and TARs alike), so a
     row's columns can share one axis; ``eval verify`` keeps insightface's fractions.
+    Returned rows hold ``{"model", "model_sha256", "cells": {column: compare_cell}}``;
+    the bootstrap replicates of every cell, paired across models (same clusters and
+    seed), go to ``OUT/compare_replicates.npz`` as ``"<row>|<column>"``.
     """
+    from facekd.fileio import atomic_path
+
     if not bins and ijb_dir is None:
         raise DataError("nothing to compare on: give --bins and/or --ijb")
     rows, results = [], []
+    replicates: dict[str, np.ndarray] = {}
     rocs: dict[str, dict[str, Any]] = {}
-    for model in models:
+    for index, model in enumerate(models):
         embedder = _load(model, arch, device)
+        cells: dict[str, dict[str, Any]] = {}
         row: dict[str, Any] = {"model": getattr(embedder, "name", str(model)),
-                               "model_sha256": embedder.sha256[:16]}
+                               "model_sha256": embedder.sha256[:16], "cells": cells}
         label = f"{row['model']} {embedder.sha256[:8]}"
+
+        def add(res: dict[str, Any], column: str, key: str, value: float,
+                far: float | None = None, cells: dict = cells, index: int = index) -> None:
+            cells[column] = compare_cell(res, key, value, far)
+            if cells[column]["value"] is not None and key in res.get("replicates", {}):
+                replicates[f"{index}|{column}"] = 100 * res["replicates"][key]
+
         for b in bins:
             res = evaluate_bin(embedder, b, batch_size, cache_dir=cache_dir,
-                               use_cache=use_cache, progress=progress)
+                               use_cache=use_cache, progress=progress, bootstrap=bootstrap)
             results.append(res)
-            row[f"{res['dataset']} acc"] = _percent(res["acc_mean"])
-            row[f"{res['dataset']} tar@far1e-3"] = _percent(res["tar_at_far"][1e-3])
+            add(res, f"{res['dataset']} acc", "acc", res["acc_mean"])
+            add(res, f"{res['dataset']} tar@far1e-3", "tar@0.001", res["tar_at_far"][1e-3],
+                1e-3)
             rocs.setdefault(res["dataset"], {})[label] = (res["roc_fpr"], res["roc_tpr"])
         if ijb_dir is not None:
             res = evaluate_ijb(embedder, ijb_dir, dataset, batch_size=batch_size,
                                workers=workers, cache_dir=cache_dir, use_cache=use_cache,
-                               progress=progress)
+                               progress=progress, bootstrap=bootstrap)
             results.append(res)
-            for far in (1e-5, 1e-4, 1e-3):
-                row[f"{res['dataset']} tar@far{far:.0e}"] = _percent(res["tar_at_far"][far])
+            for far in COMPARE_FARS:
+                add(res, f"{res['dataset']} tar@far{far:.0e}", f"tar@{far:g}",
+                    res["tar_at_far"][far], far)
             rocs.setdefault(res["dataset"], {})[label] = (res["fpr"], res["tpr"])
         rows.append(row)
-    _write(out, "compare", rows, results, "facekd eval compare", rocs)
+    table = [{"model": r["model"], "model_sha256": r["model_sha256"],
+              **{k: c["text"] for k, c in r["cells"].items()}} for r in rows]
+    _write(out, "compare", table, results, "facekd eval compare", rocs)
+    with atomic_path(Path(out) / "compare_replicates.npz", suffix=".npz") as tmp:
+        np.savez(tmp, **replicates)
     return rows

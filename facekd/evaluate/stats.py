@@ -136,9 +136,15 @@ class PairClusters:
 
     def weights(self, n_boot: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
         """(n_boot, count) multinomial cluster counts: each row one bootstrap resample."""
+        if n_boot < 0:
+            from facekd.errors import FacekdError
+
+            raise FacekdError(f"bootstrap resamples must be >= 0 (0: no intervals), got {n_boot}")
         rng = np.random.default_rng([seed, self.count])
-        return rng.multinomial(self.count, np.full(self.count, 1.0 / self.count),
-                               size=n_boot).astype(np.float64)
+        draws = rng.integers(0, self.count, size=(n_boot, self.count))
+        draws += np.arange(n_boot)[:, None] * self.count  # row-wise bincount in one call
+        counts = np.bincount(draws.ravel(), minlength=n_boot * self.count)
+        return counts.reshape(n_boot, self.count).astype(np.float64)
 
 
 def pair_clusters(first: np.ndarray, second: np.ndarray, same: np.ndarray,
@@ -262,6 +268,8 @@ def kfold_accuracy_replicates(dist: np.ndarray, same: np.ndarray, clusters: Pair
     Each resample reweights the pairs and reruns the protocol: per fold the threshold
     with the best weighted accuracy on the other folds, then the weighted accuracy of
     the test fold; the folds' mean (folds that a resample leaves empty are skipped).
+    Accepted weight at every threshold is counted once over all pairs and once per test
+    fold; a fold's training counts are the difference (exact: weights are integers).
     """
     dist = np.asarray(dist, dtype=np.float64).ravel()
     same = np.asarray(same).astype(bool).ravel()
@@ -270,30 +278,31 @@ def kfold_accuracy_replicates(dist: np.ndarray, same: np.ndarray, clusters: Pair
     acc = np.full((n_boot, len(folds)), np.nan)
     for part in _chunks(n_boot, len(dist)):
         pw = _pair_weights(w_all[part], clusters.first, clusters.second)
+        gen_all, _ = _accepted(dist[same], pw[:, same], thresholds)
+        imp_all, imp_tot = _accepted(dist[~same], pw[:, ~same], thresholds)
+        rows = np.arange(pw.shape[0])
         for k, test in enumerate(folds):
-            train = np.ones(len(dist), dtype=bool)
-            train[test] = False
-            best = _best_thresholds(dist[train], same[train], pw[:, train], thresholds)
             d, s, wt = dist[test], same[test], pw[:, test]
-            correct = (d[None, :] < best[:, None]) == s[None, :]
-            total = wt.sum(axis=1)
+            gen_t, gen_t_tot = _accepted(d[s], wt[:, s], thresholds)
+            imp_t, imp_t_tot = _accepted(d[~s], wt[:, ~s], thresholds)
+            train_correct = (gen_all - gen_t) + ((imp_tot - imp_t_tot)[:, None]
+                                                 - (imp_all - imp_t))
+            best = np.argmax(train_correct, axis=1)  # first best threshold, as the reference
+            correct = gen_t[rows, best] + imp_t_tot - imp_t[rows, best]
+            total = gen_t_tot + imp_t_tot
             with np.errstate(invalid="ignore", divide="ignore"):
-                acc[part, k] = np.where(total > 0, (wt * correct).sum(axis=1) / total, np.nan)
+                acc[part, k] = np.where(total > 0, correct / total, np.nan)
     with np.errstate(invalid="ignore"):
         return np.nanmean(acc, axis=1)
 
 
-def _best_thresholds(dist: np.ndarray, same: np.ndarray, w: np.ndarray,
-                     thresholds: np.ndarray) -> np.ndarray:
-    """Per resample, the first threshold with the best weighted accuracy (np.argmax)."""
-    def accepted(mask: np.ndarray) -> np.ndarray:
-        order = np.argsort(dist[mask], kind="stable")
-        cum = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(w[:, mask][:, order], 1)], 1)
-        return cum[:, np.searchsorted(dist[mask][order], thresholds, side="left")]
-
-    tp, fp = accepted(same), accepted(~same)
-    n_imp = w[:, ~same].sum(axis=1, keepdims=True)
-    return thresholds[np.argmax(tp + (n_imp - fp), axis=1)]
+def _accepted(dist: np.ndarray, w: np.ndarray, thresholds: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T) weight of the pairs with ``dist < t`` at every threshold, and (B,) totals."""
+    order = np.argsort(dist, kind="stable")
+    cum = np.zeros((w.shape[0], len(dist) + 1))
+    np.cumsum(w[:, order], axis=1, out=cum[:, 1:])
+    return cum[:, np.searchsorted(dist[order], thresholds, side="left")], cum[:, -1]
 
 
 # ------------------------------------------------------------------ protocol summaries
@@ -313,11 +322,12 @@ def verification_estimates(result: dict[str, Any], issame: np.ndarray, image_ids
     clusters = pair_clusters(ids[0::2], ids[1::2], same, "distinct images")
     dist = np.asarray(result["sq_distance"])
     folds = kfold_test_slices(len(dist), len(result["accuracy_per_fold"]))
+    w = clusters.weights(n_boot, seed)
     est = {"acc": Estimate(result["acc_mean"], kfold_accuracy_replicates(
-        dist, same, clusters, folds, ACC_THRESHOLDS, n_boot, seed))}
+        dist, same, clusters, folds, ACC_THRESHOLDS, weights=w))}
     n_imp = int((~same).sum())
     supported = [f for f in fars if far_supported(f, n_imp)]
-    reps = tar_at_far_replicates(-dist, same, clusters, supported, n_boot, seed)
+    reps = tar_at_far_replicates(-dist, same, clusters, supported, weights=w)
     for far in supported:
         est[f"tar@{far:g}"] = Estimate(result["tar_at_far"][far], reps[far])
     return _summary(est, clusters, n_boot, seed, n_imp, int(same.sum()))
@@ -339,6 +349,8 @@ def ijb_estimates(result: dict[str, Any], p1: np.ndarray, p2: np.ndarray, labels
 
 def _summary(est: dict[str, Estimate], clusters: PairClusters, n_boot: int, seed: int,
              n_imp: int, n_gen: int) -> dict[str, Any]:
+    if n_boot == 0:
+        est = {}
     return {"intervals": {k: e.interval().as_dict() for k, e in est.items()},
             "estimates": est, "clusters": clusters.how, "bootstrap_samples": n_boot,
             "bootstrap_seed": seed, "level": LEVEL, "impostor_pairs": n_imp,
