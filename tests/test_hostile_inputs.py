@@ -210,6 +210,27 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
     add("rec_truncated-reindex", ["prep", "reindex", str(trunc / "train.rec"),
                                   "--idx", str(out / "reindex" / "train.idx")], "truncated")
 
+    # a JPEG whose signature and end marker pass but whose body is garbage
+    import cv2
+
+    from facekd.data.recordio import write_insightface_dataset
+
+    good_jpeg = cv2.imencode(".jpg", np.full((112, 112, 3), 90, np.uint8))[1].tobytes()
+    corrupt = case_dir("rec_corrupt_body")
+    write_insightface_dataset(corrupt, [(0, good_jpeg), (0, b"\xff\xd8\xff\xe0" + bytes(300)
+                                                         + b"\xff\xd9"), (1, good_jpeg)], 2)
+    add("rec_corrupt_body-rec2shards-verify", ["prep", "rec2shards", str(corrupt),
+                                               str(out / "corrupt"), "--verify"], "key 2")
+    faces = _copy(w["faces"], case_dir("folder_corrupt_image"))
+    (faces / "id1" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(300) + b"\xff\xd9")
+    add("folder_corrupt_image-folder2shards-verify",
+        ["prep", "folder2shards", str(faces), str(out / "fcorrupt"), "--verify"],
+        "id1/1.jpg: image of 306 bytes cannot be decoded")
+    add("idx_empty-export-calib", ["export", "onnx", str(w["model"]),
+                                   str(out / "calib" / "m.onnx"), "--int8", "--calib-data",
+                                   str(damaged["idx_empty"][0]), "--calib-count", "8"],
+        "empty index")
+
     # shards + manifest + dataset.json
     shard_readers = {
         "info": lambda d, c: ["prep", "info", str(d), "--out", "-"],
@@ -232,6 +253,9 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
     (d / "shard-000000.tar").unlink()
     (d / "shard-000000.tar").symlink_to(secret_tar)
     shard_damage["json_symlink_shard"] = (d, "outside")
+    d = shards_case("json_etc_passwd")
+    _edit_json(d / "dataset.json", shards=["/etc/passwd", "shard-000001.tar"])
+    shard_damage["json_etc_passwd"] = (d, "outside")
     d = shards_case("json_not_json")
     (d / "dataset.json").write_text("{not json")
     shard_damage["json_not_json"] = (d, "dataset.json")
@@ -267,6 +291,9 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
             add(f"{name}-{cmd}", argv(folder, f"{name}-{cmd}"), expect)
     # the trainer and the teacher read shards through the same reader
     folder = shard_damage["json_absolute_shard"][0]
+    add("json_absolute_shard-centres", ["teacher", "centres", str(w["model"]), str(folder),
+                                        str(out / "centres-abs" / "c.npy"), "--device", "cpu"],
+        "outside")
     add("json_absolute_shard-cache", ["teacher", "cache", str(w["model"]), str(folder),
                                       str(out / "cache-abs"), "--device", "cpu"], "outside")
     add("manifest_label_huge-distill", ["distill", str(w["recipe"]),
@@ -292,11 +319,17 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(payload)
         bin_damage[name] = path
+    add("bin_zero_byte_image-export-eval-bin",
+        ["export", "onnx", str(w["model"]), str(out / "evalbin" / "m.onnx"), "--eval-bin",
+         str(case_dir("bin_zero_byte_image") / "set.bin")], "image 0")
     expects = {"bin_zero_byte_image": "image 0", "bin_undecodable_image": "image 5",
                "bin_pickle_payload": "refused", "bin_truncated": "set.bin",
                "bin_wrong_structure": "set.bin"}
     for name, path in bin_damage.items():
         add(f"{name}-bin-info", ["prep", "bin-info", str(path)], expects[name])
+        add(f"{name}-compare", ["eval", "compare", str(w["model"]), "--bins", str(path),
+                                "--out", str(out / f"{name}-compare"), "--no-cache",
+                                "--device", "cpu", "--no-progress"], expects[name])
         add(f"{name}-verify", ["eval", "verify", str(w["model"]), str(path), "--no-cache",
                                "--device", "cpu", "--no-progress"], expects[name])
 
@@ -524,17 +557,21 @@ INPUT_CASES = [
       if c != "centres" or d == "idx_empty"],
     "rec_truncated-reindex",
     *[f"{d}-{c}" for d in ("json_absolute_shard", "json_dotdot_shard", "json_symlink_shard",
-                           "json_not_json", "json_wrong_types", "json_count_mismatch",
+                           "json_etc_passwd", "json_not_json", "json_wrong_types",
+                           "json_count_mismatch",
                            "manifest_label_huge", "manifest_label_negative",
                            "manifest_shard_index", "manifest_negative_size",
                            "manifest_offset_past_end", "manifest_missing_column",
                            "manifest_garbage")
       for c in ("info", "shards2rec")],
-    "json_absolute_shard-cache", "manifest_label_huge-distill",
+    "rec_corrupt_body-rec2shards-verify", "folder_corrupt_image-folder2shards-verify",
+    "idx_empty-export-calib",
+    "json_absolute_shard-centres", "json_absolute_shard-cache", "manifest_label_huge-distill",
     "manifest_sha1-shards2rec-verify",
     *[f"{d}-{c}" for d in ("bin_zero_byte_image", "bin_undecodable_image",
                            "bin_pickle_payload", "bin_truncated", "bin_wrong_structure")
-      for c in ("bin-info", "verify")],
+      for c in ("bin-info", "verify", "compare")],
+    "bin_zero_byte_image-export-eval-bin",
     "ijb_dotdot-ijb", "ijb_absolute-ijb", "ijb_symlink-ijb", "ijb_bad_line-ijb",
     "pairs_dotdot-make-bin", "pairs_absolute-make-bin", "pairs_malformed-make-bin",
     "landmarks_dotdot-align", "landmarks_out_escape-align",
@@ -633,3 +670,78 @@ def test_unwritable_output(unwritable, kind, case_id):
         empty = [p for p, size in left if size == 0 and not p.endswith(".log")]
         assert not empty, f"empty outputs left: {empty}"
         assert "No space left" in result["stderr"], result["stderr"]
+
+
+# ------------------------------------------------------------ the eight reported cases
+
+REPORTED = {  # issue 13's eight failures, each by the case ids that reproduce it
+    "unwritable output -> traceback": [f"{c}:{k}" for c in WRITER_CASES
+                                       for k in ("readonly", "full")],
+    "dataset.json names shard files anywhere": ["json_absolute_shard-info",
+                                                "json_dotdot_shard-shards2rec",
+                                                "json_etc_passwd-info"],
+    "manifest label 10^9 grows prep info to 8 GB": ["manifest_label_huge-info"],
+    "shard index past the list -> IndexError": ["manifest_shard_index-info",
+                                                "manifest_shard_index-shards2rec"],
+    "negative size copied as a 0-byte image, exit 0": ["manifest_negative_size-shards2rec"],
+    "missing column -> pyarrow dump": ["manifest_missing_column-info"],
+    "empty train.idx converts to 0 samples": ["idx_empty-rec2shards"],
+    "0-byte .bin image crashes prep bin-info": ["bin_zero_byte_image-bin-info"],
+    "IJB meta and make-bin pair paths outside": ["ijb_dotdot-ijb", "pairs_absolute-make-bin"],
+}
+
+
+@pytest.mark.parametrize("report", sorted(REPORTED))
+def test_reported_case_does_not_reproduce(world, unwritable, report):
+    """Each of the issue's cases: exit 2, one line, nothing read outside."""
+    for case_id in REPORTED[report]:
+        if ":" in case_id:
+            cid, kind = case_id.split(":")
+            if kind not in unwritable:
+                continue  # no mount here; test_unwritable_output says so
+            cases, results = unwritable[kind]
+            _check_one_line(next(c for c in cases if c["id"] == cid), results[cid])
+        else:
+            case, result = world["cases"][case_id], world["results"][case_id]
+            _check_one_line(case, result)
+            assert not result["opened"]
+
+
+def test_resumed_rec2shards_removes_a_killed_runs_temp_files(world, tmp_path):
+    """A run killed while streaming the manifest leaves ``.manifest.parquet.tmp-PID``; the
+    resumed run finishes the folder and removes it (and a shard index's temp file)."""
+    from facekd.cli import main
+
+    out = tmp_path / "shards"
+    assert main(["prep", "rec2shards", str(world["w"]["rec"]), str(out), "--workers", "1",
+                 "--shard-size", "32"]) == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / "manifest.parquet").unlink()  # the killed run never got to rename it
+    stale = [out / f".manifest.parquet.tmp-{dead.pid}.parquet",
+             out / ".parts" / f".shard-000001.part.tmp-{dead.pid}"]
+    for path in stale:
+        path.write_bytes(b"half written")
+    assert main(["prep", "rec2shards", str(world["w"]["rec"]), str(out), "--workers", "1",
+                 "--shard-size", "32"]) == 0
+    assert (out / "manifest.parquet").is_file()
+    assert not [p for p in stale if p.exists()]
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_verify_skip_bad_lists_what_it_skipped(world, tmp_path, capsys):
+    """--verify decodes every image; with --skip-bad the undecodable one is left out and
+    listed (summary and bad_records.txt) instead of copied into the shards."""
+    from facekd.cli import main
+    from facekd.data.shards import ShardSet
+
+    corrupt = world["root"] / "cases" / "in" / "rec_corrupt_body"
+    out = tmp_path / "shards"
+    capsys.readouterr()
+    assert main(["prep", "rec2shards", str(corrupt), str(out), "--verify", "--skip-bad",
+                 "--workers", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 2 and summary["bad_records"] == 1
+    assert "key 2" in summary["bad_examples"][0]
+    assert (out / "bad_records.txt").read_text().startswith("2\t")
+    assert ShardSet(out).keys.tolist() == [1, 3]

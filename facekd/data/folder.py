@@ -54,6 +54,10 @@ class FolderSamples:
     def key_of(self, index: int) -> int:
         return index
 
+    def sample_name(self, key: int) -> str:
+        """The image file of sample ``key`` (for error messages)."""
+        return str(self.root / self.files[key])
+
     def describe(self) -> dict[str, Any]:
         return {"source": str(self.root.resolve()), "source_kind": "folder"}
 

@@ -483,7 +483,7 @@ def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
             else:
                 block = samples_block(source, lo, hi, skip_bad, bad)
             if getattr(source, "decode_check", False):
-                block = decodable_only(block, getattr(source, "path", final), skip_bad, bad)
+                block = decodable_only(block, source, skip_bad, bad)
             n = len(block.keys)
             if not n:
                 continue
@@ -507,7 +507,7 @@ def _write_shard(out: str, shard: int, start: int, stop: int, skip_bad: bool
             "part": (index, bad_keys, bad_errors)}
 
 
-def decodable_only(block: SampleBlock, where: Any, skip_bad: bool,
+def decodable_only(block: SampleBlock, source: Any, skip_bad: bool,
                    bad: list[tuple[int, str]]) -> SampleBlock:
     """``block`` without the images OpenCV cannot decode (``--verify``): the signature
     and end-marker checks pass a JPEG whose body is garbage, which would otherwise be
@@ -524,8 +524,10 @@ def decodable_only(block: SampleBlock, where: Any, skip_bad: bool,
                 image = None
             keep[i] = image is not None and image.size > 0
     for i in np.flatnonzero(~keep).tolist():
-        error = (f"{where}: key {int(block.keys[i])}: image of {len(block.payloads[i])} bytes "
-                 f"cannot be decoded")
+        key = int(block.keys[i])
+        name = source.sample_name(key) if hasattr(source, "sample_name") else \
+            f"{source.path}: key {key}"
+        error = f"{name}: image of {len(block.payloads[i])} bytes cannot be decoded"
         if not skip_bad:
             raise DataError(error)
         bad.append((int(block.keys[i]), error))
