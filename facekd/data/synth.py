@@ -170,7 +170,9 @@ def _fold_sizes(n_pairs: int) -> list[int]:
     return [n_pairs // 10 + (1 if i < n_pairs % 10 else 0) for i in range(10)]
 
 
-def _pair_plan(kind: str, n_pairs: int, seed: int) -> tuple[list[list[dict]], list[list[tuple]]]:
+def _pair_plan(kind: str, n_pairs: int, seed: int,
+               profile_yaw: tuple[float, float] = CFP_PROFILE_YAW
+               ) -> tuple[list[list[dict]], list[list[tuple]]]:
     """Which images each held-out identity needs and which pairs each fold uses.
 
     Returns per-identity spec lists and per-fold lists of
@@ -198,8 +200,8 @@ def _pair_plan(kind: str, n_pairs: int, seed: int) -> tuple[list[list[dict]], li
             if kind == "cfp_fp":
                 yaws = [rng.uniform(-CFP_FRONTAL_YAW, CFP_FRONTAL_YAW),
                         rng.uniform(-CFP_FRONTAL_YAW, CFP_FRONTAL_YAW),
-                        rng.choice([-1, 1]) * rng.uniform(*CFP_PROFILE_YAW),
-                        rng.choice([-1, 1]) * rng.uniform(*CFP_PROFILE_YAW)]
+                        rng.choice([-1, 1]) * rng.uniform(*profile_yaw),
+                        rng.choice([-1, 1]) * rng.uniform(*profile_yaw)]
                 specs.append([{"image": i, "yaw": float(y)} for i, y in enumerate(yaws)])
                 frontal += [(ident, 0), (ident, 1)]
                 turned += [(ident, 2), (ident, 3)]
@@ -246,11 +248,12 @@ def _pair_plan(kind: str, n_pairs: int, seed: int) -> tuple[list[list[dict]], li
 
 
 def _write_pairs_bin(path: Path, kind: str, n_pairs: int, seed: int, strength: float,
-                     workers: int, progress: bool) -> dict[str, Any]:
+                     workers: int, progress: bool,
+                     profile_yaw: tuple[float, float] = CFP_PROFILE_YAW) -> dict[str, Any]:
     from facekd.data.binset import write_bin
 
     role = {"lfw": ROLE_LFW, "cfp_fp": ROLE_CFP, "agedb_30": ROLE_AGEDB}[kind]
-    specs, folds = _pair_plan(kind, n_pairs, seed)
+    specs, folds = _pair_plan(kind, n_pairs, seed, profile_yaw)
     jobs = [(seed, role, i, s, strength) for i, s in enumerate(specs)]
     images: dict[tuple[int, int], bytes] = {}
     for ident, result in enumerate(_run_jobs(jobs, workers, kind, progress)):
