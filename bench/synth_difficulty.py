@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from facekd.data.binset import load_bin
     from facekd.data.synth import generate
+    from facekd.evaluate.stats import bin_image_ids, interval_rule, verification_estimates
     from facekd.evaluate.verification import verify_pairs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,15 +140,21 @@ def main(argv: list[str] | None = None) -> int:
         blobs, issame = load_bin(data / f"{name}.bin")
         sets[name] = (_decode(blobs), np.array(issame))
 
+    ids = {name: bin_image_ids(load_bin(data / f"{name}.bin")[0]) for name in BINS}
+
+    def score(name: str, emb: np.ndarray, emb_flip: np.ndarray | None) -> dict[str, float]:
+        issame = sets[name][1]
+        res = verify_pairs(emb, emb_flip, issame)
+        return verification_estimates(res, issame, ids[name])["intervals"]["acc"]
+
     rows: dict[str, dict] = {"pixels": {}}
-    for name, (imgs, issame) in sets.items():
-        rows["pixels"][name] = verify_pairs(pixel_scores(imgs), None, issame)["acc_mean"]
+    for name, (imgs, _) in sets.items():
+        rows["pixels"][name] = score(name, pixel_scores(imgs), None)
     for arch in ("mbf_tiny", "r_tiny"):
         model, seconds = train_model(arch, images, labels, args.epochs, args.seed)
         rows[arch] = {"train_s": seconds}
-        for name, (imgs, issame) in sets.items():
-            emb, emb_flip = embed(model, imgs)
-            rows[arch][name] = verify_pairs(emb, emb_flip, issame)["acc_mean"]
+        for name, (imgs, _) in sets.items():
+            rows[arch][name] = score(name, *embed(model, imgs))
 
     lines = [
         "# Synthetic face difficulty: held-out 10-fold verification accuracy",
@@ -155,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Training set {args.identities} identities x {args.images_per_id} images, "
         f"{args.pairs} pairs per held-out set, nuisance strength {args.strength:g}, "
         f"{args.epochs} epochs ArcFace (s=32, m=0.3), SGD one-cycle lr 0.1, batch 64, "
-        f"{args.threads} CPU thread(s), seed {args.seed}.",
+        f"{args.threads} CPU thread(s), seed {args.seed}. Accuracy (%) [95 % interval]: "
+        f"{interval_rule()}, clusters = images linked by genuine pairs.",
         "",
         "| embedder | lfw | cfp_fp | agedb_30 | train time (s) |",
         "|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        cells = " | ".join(f"{row[b] * 100:.2f}" for b in BINS)
+        cells = " | ".join(f"{row[b]['value'] * 100:.2f} [{row[b]['low'] * 100:.2f}, "
+                           f"{row[b]['high'] * 100:.2f}]" for b in BINS)
         lines.append(f"| {name} | {cells} | {row.get('train_s', 0):.0f} |")
     lines += ["", "Command: `.venv/bin/python -m bench.synth_difficulty "
               f"--identities {args.identities} --images-per-id {args.images_per_id} "
