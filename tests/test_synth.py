@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from itertools import combinations
 from pathlib import Path
 
 import cv2
@@ -145,6 +147,36 @@ def test_ijb_protocol_files(small_set: Path) -> None:
     assert crop.shape[0] > 112
     aligned = norm_crop(crop, np.array(coords, float).reshape(5, 2))
     assert aligned.shape == (112, 112, 3) and aligned[40:100, 30:80].std() > 5
+
+
+def test_ijb_media_sub_templates_grow_pairs_from_the_same_images(small_set: Path) -> None:
+    meta = small_set / "ijb" / "meta"
+    images: dict[int, set[str]] = {}
+    for line in (meta / "ijbc_face_tid_mid.txt").read_text().splitlines():
+        name, tid, _ = line.split()
+        images.setdefault(int(tid), set()).add(name)
+    pairs = [tuple(map(int, line.split())) for line in
+             (meta / "ijbc_template_pair_label.txt").read_text().splitlines()]
+    files = list((small_set / "ijb" / "loose_crop").iterdir())
+    all_names = set().union(*images.values())
+    assert len(files) == len(all_names)  # an image in two templates is one file
+    shared = sum(len(a & b) > 0 for a, b in combinations(images.values(), 2))
+    assert shared > 0  # media sub-templates reuse their template's images
+    genuine = [(a, b) for a, b, label in pairs if label == 1]
+    assert genuine and all(not images[a] & images[b] for a, b in genuine)
+    assert sum(1 for *_, label in pairs if label == 0) == 50
+    summary = json.loads((small_set / "synth.json").read_text())["parts"]["ijb"]
+    assert summary["templates"] == len(images) > summary["media_sub_templates"] > 0
+
+
+def test_cfp_profiles_lie_in_the_training_pose_tail() -> None:
+    from facekd.data.synth import CFP_PROFILE_YAW
+
+    specs, _ = _pair_plan("cfp_fp", 200, seed=0)
+    profile = np.abs([s[k]["yaw"] for s in specs for k in (2, 3)])
+    frontal = np.abs([s[k]["yaw"] for s in specs for k in (0, 1)])
+    assert CFP_PROFILE_YAW[0] <= profile.min() and profile.max() <= CFP_PROFILE_YAW[1] <= 50
+    assert frontal.max() <= 8
 
 
 def _plain_nuisance(yaw: float = 0.0) -> Nuisance:
