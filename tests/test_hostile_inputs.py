@@ -221,6 +221,16 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
                                                          + b"\xff\xd9"), (1, good_jpeg)], 2)
     add("rec_corrupt_body-rec2shards-verify", ["prep", "rec2shards", str(corrupt),
                                                str(out / "corrupt"), "--verify"], "key 2")
+    from facekd.data.recordio import IRHeader, RecordWriter, pack_record
+
+    huge = case_dir("rec_label_huge")
+    huge.mkdir()
+    with RecordWriter(huge / "train.rec") as writer:  # im2rec layout, float32 labels
+        for key, label in enumerate([0.0, 1.0, 3e38, 1.0]):
+            writer.write(key, pack_record(IRHeader(0, label, key, 0), good_jpeg))
+    for cmd, argv in rec_readers.items():
+        if cmd != "centres":
+            add(f"rec_label_huge-{cmd}", argv(huge, f"rec_label_huge-{cmd}"), "key 2: label")
     faces = _copy(w["faces"], case_dir("folder_corrupt_image"))
     (faces / "id1" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(300) + b"\xff\xd9")
     add("folder_corrupt_image-folder2shards-verify",
@@ -564,6 +574,7 @@ INPUT_CASES = [
                            "manifest_offset_past_end", "manifest_missing_column",
                            "manifest_garbage")
       for c in ("info", "shards2rec")],
+    "rec_label_huge-info", "rec_label_huge-rec2shards", "rec_label_huge-rec2folder",
     "rec_corrupt_body-rec2shards-verify", "folder_corrupt_image-folder2shards-verify",
     "idx_empty-export-calib",
     "json_absolute_shard-centres", "json_absolute_shard-cache", "manifest_label_huge-distill",

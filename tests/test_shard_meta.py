@@ -81,7 +81,7 @@ def test_fuzz_metadata_is_valid_or_a_data_error(meta, raw_meta, rows, drop, as_t
         assert n == len(rows)
         assert checked.num_classes <= MAX_CLASSES
         if n:
-            assert (checked.labels >= 0).all()
+            assert (checked.labels >= -1).all()  # -1: an unlabelled sample
             assert (checked.labels < checked.num_classes).all()
             assert (checked.sizes > 0).all() and (checked.offsets >= 0).all()
             lengths = np.array([(folder / checked.shard_names[s]).stat().st_size
@@ -104,7 +104,7 @@ def test_good_folder_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize(("meta", "rows", "message"), [
-    ({"num_classes": 2}, [(1, 2, 0, 0, 10)], r"row 0 \(key 1\): label outside \[0, 2\)"),
+    ({"num_classes": 2}, [(1, 2, 0, 0, 10)], r"row 0 \(key 1\): label outside \[-1, 2\)"),
     ({"shards": ["shard-000000.tar"]}, [(1, 0, 5, 0, 10)], "shard index outside the 1"),
     ({}, [(1, 0, 5, 0, 10)], "shard-000005.tar: cannot open shard"),
     ({}, [(1, 0, 0, 0, -1)], "image size must be positive"),

@@ -97,12 +97,12 @@ def rec2folder(source: str | os.PathLike, out: str | os.PathLike, *, limit: int 
             try:
                 header, payload = reader[key]
                 ext = check_image_bytes(payload, f"{reader.rec_path}: key {key}")
+                label = label_to_int(header.label, f"{reader.rec_path}: key {key}")
             except DataError as exc:
                 if not skip_bad:
                     raise
                 bad.append(str(exc))
                 continue
-            label = label_to_int(header.label)
             write_bytes_atomic(out / str(label) / f"{key}.{ext}", payload)
             written += 1
     finally:

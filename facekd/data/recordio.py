@@ -92,6 +92,9 @@ def unpack_record(record: bytes | memoryview, where: str = "record") -> tuple[IR
     return IRHeader(flag, label, id_, id2), bytes(record[start:])
 
 
+_INT64_LIMIT = float(1 << 63)
+
+
 def label_to_int(label: Any, where: str = "record") -> int:
     """Identity of an image record: the scalar label, or element 0 of a label vector."""
     value = (label[0] if label.size else -1) if isinstance(label, np.ndarray) else label
@@ -531,10 +534,9 @@ class RecordReader:
             return header.flag, label_to_int(header.label, self._where(key)), payload
         if flag:
             label = _F32.unpack_from(self._mm, off + 8 + IR_SIZE)[0]
-        try:
-            label = int(label)
-        except (ValueError, OverflowError):
-            return flag, label_to_int(label, self._where(key)), b""
+        if not -_INT64_LIMIT <= label < _INT64_LIMIT:  # also NaN: every comparison fails
+            return flag, label_to_int(label, self._where(key)), b""  # raises, naming it
+        label = int(label)
         if view:
             if self._view is None:
                 self._view = memoryview(self._mm)

@@ -156,12 +156,13 @@ def load_shards_meta(folder: str | os.PathLike) -> ShardsMeta:
                    "image span ends beyond its shard file", offsets)
     num_classes = _count(meta, "num_classes", where)
     if num_classes:
-        _first_bad(manifest, keys, (labels < 0) | (labels >= num_classes),
-                   f"label outside [0, {num_classes}) (num_classes in {DATASET_JSON})", labels)
+        _first_bad(manifest, keys, (labels < -1) | (labels >= num_classes),
+                   f"label outside [-1, {num_classes}) (num_classes in {DATASET_JSON}; "
+                   f"-1: unlabelled)", labels)
     else:
-        _first_bad(manifest, keys, (labels < 0) | (labels >= MAX_CLASSES),
-                   f"label outside [0, {MAX_CLASSES:,})", labels)
-        num_classes = int(labels.max()) + 1 if len(labels) else 0
+        _first_bad(manifest, keys, (labels < -1) | (labels >= MAX_CLASSES),
+                   f"label outside [-1, {MAX_CLASSES:,})", labels)
+        num_classes = max(int(labels.max()) + 1, 0) if len(labels) else 0
     return ShardsMeta(meta, list(names), keys, labels, shards, offsets, sizes, num_classes)
 
 
