@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,28 +17,89 @@ if str(ROOT) not in sys.path:  # bench/ is a script folder at the repo root, not
 from bench import methods as bench  # noqa: E402
 
 
-def test_stats_and_gap_share():
+def test_stats_t_interval_and_paired_differences_by_hand():
     s = bench.stats([60.0, 62.0, 64.0])
     assert s["mean"] == pytest.approx(62.0)
     assert s["std"] == pytest.approx(2.0)          # sample std over seeds
-    assert bench.stats([70.0])["std"] is None       # no spread from one seed
+    # 95 % t-interval of the mean: t(0.975, df 2) = 4.303, sd / sqrt(3) = 1.1547
+    assert s["ci"] == pytest.approx([62.0 - 4.3027 * 1.1547, 62.0 + 4.3027 * 1.1547],
+                                    rel=1e-4)
+    assert bench.t_quantile(4) == pytest.approx(2.7764, rel=1e-4)
+    assert bench.stats([70.0])["std"] is None and bench.stats([70.0])["ci"] is None
     assert bench.stats([])["mean"] is None
+    # paired by seed: differences 2, 3, 1, 2, 2 -> mean 2, sd 0.7071, half 2.7764 * 0.3162
+    a = {"0": 80.0, "1": 81.0, "2": 79.0, "3": 82.0, "4": 80.0, "9": 99.0}
+    b = {"0": 78.0, "1": 78.0, "2": 78.0, "3": 80.0, "4": 78.0}
+    d = bench.paired(a, b)
+    assert d["seeds"] == [0, 1, 2, 3, 4] and d["differences"] == [2.0, 3.0, 1.0, 2.0, 2.0]
+    half = 2.7764 * 0.70711 / 5 ** 0.5
+    assert d["ci"] == pytest.approx([2.0 - half, 2.0 + half], rel=1e-4)
+    assert d["significant"]
+    noisy = bench.paired({"0": 80.0, "1": 70.0}, {"0": 75.0, "1": 74.0})
+    assert not noisy["significant"]               # mean +0.5 with df 1: interval spans 0
     assert bench.gap_share(90.0, 60.0, 75.0) == pytest.approx(0.5)
-    assert bench.gap_share(90.0, 60.0, 57.0) == pytest.approx(-0.1)
     assert bench.gap_share(70.0, 70.0, 71.0) is None
-    assert bench.gap_share(None, 60.0, 70.0) is None
 
 
-def test_plan_is_teacher_first_then_seed_major():
-    tasks = bench.plan(["none", "kd", "srd"], [0, 1])
+def test_plan_tunes_each_method_then_tests_seed_major():
+    tasks = bench.plan(["none", "kd", "srd", "feature_srd_weight"], [0, 1])
     names = [t.name for t in tasks]
-    # the main comparison (alone vs srd) first within each seed
-    assert names == ["teacher", "cache", "none/seed0", "srd/seed0", "kd/seed0",
-                     "none/seed1", "srd/seed1", "kd/seed1"]
+    w = [f"w{f:.4g}" for f in bench.WEIGHT_FACTORS]
+    assert names == ["teacher", "cache",
+                     *(f"tune/srd/{x}" for x in w), *(f"tune/kd/{x}" for x in w),
+                     "tune/kd/t0.5", "tune/kd/t2",
+                     "none/seed0", "srd/seed0", "feature_srd_weight/seed0", "kd/seed0",
+                     "none/seed1", "srd/seed1", "feature_srd_weight/seed1", "kd/seed1"]
     needs = {t.name: t.needs for t in tasks}
-    assert needs["none/seed0"] == () and needs["kd/seed1"] == ("cache",)
+    assert needs["none/seed0"] == () and needs["feature_srd_weight/seed1"] == ("cache",)
+    # the temperature runs wait for the weight grid; the test runs for all tuning
+    assert needs["tune/kd/t2"] == tuple(f"tune/kd/{x}" for x in w)
+    assert needs["kd/seed1"] == (*(f"tune/kd/{x}" for x in w), "tune/kd/t0.5", "tune/kd/t2")
     # frskd is self-distillation: it never waits for the teacher
-    assert bench.plan(["frskd"], [0])[-1].needs == ()
+    assert bench.plan(["frskd"], [0])[2].needs == ()
+
+
+def test_every_method_gets_the_same_grid_on_its_own_main_weight():
+    # the grid multiplies the recipe's own values; the control is fixed at 2 s^2 / D
+    assert bench.setting_overrides("kd", bench.Setting(3.0, 0.5)) == [
+        "method.weights.kd=3", "method.params.temperature=2"]
+    assert bench.setting_overrides("rkd", bench.Setting(1 / 3)) == [
+        "method.weights.rkd_distance=8.33333", "method.weights.rkd_angle=16.6667"]
+    assert bench.setting_overrides("refilled", bench.Setting(1.0, 2.0)) == [
+        "method.weights.relation=1000", "method.weights.local_kd=1", "method.params.tau2=4"]
+    assert bench.setting_overrides("srd", bench.Setting(3.0, 2.0)) == [
+        "method.weights.srd=3", "method.weights.feat=3"]      # SRD has no temperature
+    assert bench.srd_effective_weight() == 2 * 32.0**2 / 256 == 8.0
+    assert bench.setting_overrides("feature_srd_weight", bench.Setting()) == [
+        "method.weights.feature=8"]
+    for method, spec in bench.SPECS.items():
+        assert (bench.ROOT / "recipes" / spec.recipe).exists(), method
+        if spec.tuned:
+            assert spec.weights, method
+
+
+def test_selection_is_on_validation_scores_with_ties_to_the_recipe(tmp_path):
+    layout = bench.Layout(tmp_path)
+
+    def finished(method, tag, setting, score):
+        run = layout.tune(method, tag)
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text("{}")
+        (run / "bench_setting.json").write_text(json.dumps(setting))
+        (run / "bench_val.json").write_text(json.dumps({bench.PRIMARY: score}))
+
+    finished("kd", "w0.3333", {"weight": 1 / 3, "temp": 1.0}, 70.0)
+    finished("kd", "w1", {"weight": 1.0, "temp": 1.0}, 72.0)
+    finished("kd", "w3", {"weight": 3.0, "temp": 1.0}, 72.0)
+    assert bench.best_setting(layout, "kd", "weight") == bench.Setting(1.0, 1.0)  # tie
+    temp = bench.Task("tune/kd/t2", "tune", "kd", bench.TUNE_SEED, (), "temp", 2.0)
+    assert bench.task_setting(temp, layout) == bench.Setting(1.0, 2.0)
+    finished("kd", "t2", {"weight": 1.0, "temp": 2.0}, 75.0)
+    test = bench.Task("kd/seed0", "test", "kd", 0)
+    assert bench.task_setting(test, layout) == bench.Setting(1.0, 2.0)
+    assert bench.best_setting(layout, "kd", "weight") == bench.Setting(1.0, 1.0)
+    untuned = bench.Task("none/seed0", "test", "none", 0)
+    assert bench.task_setting(untuned, layout) == bench.Setting()
 
 
 def test_student_overrides_keep_recipe_hyper_parameters(tmp_path):
@@ -48,11 +110,12 @@ def test_student_overrides_keep_recipe_hyper_parameters(tmp_path):
     assert keys <= {"data.train", "data.val_bins", "data.batch_size", "optim.epochs",
                     "run.output", "run.seed", "run.eval_every", "run.tensorboard",
                     "run.progress", "teacher.checkpoint", "teacher.cache", "data.unlabelled",
-                    "data.unlabelled_batch_size", "teacher.unlabelled_cache"}
+                    "data.unlabelled_batch_size", "teacher.unlabelled_cache",
+                    "method.weights.srd", "method.weights.feat"}
     assert "run.seed=1" in srd_unl and f"teacher.cache={layout.cache}" in srd_unl
     assert f"teacher.unlabelled_cache={layout.cache_unlabelled}" in srd_unl
     none = bench.student_overrides(layout, size, "none", 0, False)
-    assert not any(o.startswith("teacher.") for o in none)
+    assert not any(o.startswith(("teacher.", "method.")) for o in none)
 
 
 @pytest.mark.slow
@@ -60,54 +123,56 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     cmd = [sys.executable, "-m", "bench.methods", "--quick", "--work", str(work),
            "--results", str(results), "--methods", "none,srd"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((results / "methods.json").read_text())
     assert data["complete"] and data["missing_runs"] == [] and data["failed_runs"] == {}
     assert list(data["methods"]) == ["none", "srd"]
     assert data["student_alone"] == data["methods"]["none"]
-    assert sorted(data["trained_this_invocation"]) == ["cache", "none/seed0", "srd/seed0",
-                                                       "teacher"]
+    tuning = [f"tune/srd/w{f:.4g}" for f in bench.WEIGHT_FACTORS]
+    assert sorted(data["trained_this_invocation"]) == sorted(
+        ["teacher", "cache", *tuning, "none/seed0", "srd/seed0", "none/seed1", "srd/seed1"])
     setting = data["setting"]
-    assert setting["resolution"] == [112, 112]
-    assert setting["train_images"] == 8 * 4 and setting["student_steps"] == 4
-    assert setting["teacher"]["arch"] == "r_tiny" and setting["student"]["arch"] == "mbf_tiny"
-    assert len(setting["student"]["widths"]) == 4 and setting["teacher"]["params"] > 0
-    assert data["wall_time_s"] > 0
-    teacher = data["teacher"]
-    assert teacher["seeds"] == [0]
+    assert setting["resolution"] == [112, 112] and setting["seeds"] == [0, 1]
+    assert setting["train_images"] == 8 * 4 and setting["student_steps"] == 8
+    assert setting["validation"]["ijb"]["identities"] == 3
+    srd = data["methods"]["srd"]
+    # tuned on the validation identities only: three weight settings, each with a score
+    assert sorted(r["setting"]["weight"] for r in srd["tuning"]) == pytest.approx(
+        sorted(bench.WEIGHT_FACTORS))
+    assert all((work / "runs" / "tune" / "srd" / r["tag"] / "bench_val.json").exists()
+               and not (work / "runs" / "tune" / "srd" / r["tag"] / "bench_eval.json").exists()
+               for r in srd["tuning"])
+    best = max(srd["tuning"], key=lambda r: (round(r[bench.PRIMARY], 9),
+                                             -abs(math.log(r["setting"]["weight"]))))
+    assert srd["chosen"]["setting"] == best["setting"]
+    assert all(run["setting"] == best["setting"] for run in srd["runs"].values())
+    # test numbers: per seed, paired differences against the student alone
+    alone = data["methods"]["none"]
     for metric in bench.METRICS:
-        assert 0.0 <= teacher[metric]["mean"] <= 100.0
-        for method in ("none", "srd"):
-            row = data["methods"][method]
-            assert row["seeds"] == [0]
-            entry = row[metric]
-            assert entry["n"] == 1 and entry["std"] is None
-            assert entry["values"] == [row["runs"]["0"][metric]]
-            assert entry["mean"] == pytest.approx(entry["values"][0])
-            t, a, m = teacher[metric]["mean"], data["methods"]["none"][metric]["mean"], \
-                entry["mean"]
-            share = row["gap_share"][metric]
-            if abs(t - a) < 1e-12:
-                assert share is None
-            else:
-                assert share == pytest.approx((m - a) / (t - a))
-    assert data["methods"]["none"]["gap_share"][bench.PRIMARY] in (0.0, None)
+        entry = srd[metric]
+        assert entry["n"] == 2 and entry["values"] == [srd["runs"][s][metric] for s in "01"]
+    diffs = [srd["runs"][s][bench.PRIMARY] - alone["runs"][s][bench.PRIMARY] for s in "01"]
+    assert srd["vs_alone"]["differences"] == pytest.approx(diffs)
+    assert srd["vs_alone"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert alone["vs_alone"] is None and srd["vs_srd"] is None
+    assert alone["vs_srd"]["differences"] == pytest.approx([-d for d in diffs])
+    assert data["floor_rule"].startswith("TAR@FAR") and "bootstrap" in data["bootstrap_rule"]
     table = (results / "methods.md").read_text()
-    assert "python -m bench.methods --quick" in table and "srd" in table
+    assert "python -m bench.methods --quick" in table and "Tuning (validation" in table
     assert "8 identities" in table and "112x112" in table and "Incomplete" not in table
 
     # a second invocation retrains and re-evaluates nothing
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*")
-              if p.name in ("summary.json", "student.pt", "bench_eval.json", "meta.json")}
-    assert len(stamps) >= 3 * 3
+              if p.name in ("summary.json", "student.pt", "bench_eval.json", "bench_val.json",
+                            "meta.json")}
+    assert len(stamps) >= 3 * 8
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     second = json.loads((results / "methods.json").read_text())
     assert second["trained_this_invocation"] == []
     assert second["methods"] == data["methods"] and second["teacher"] == data["teacher"]
-    assert second["wall_time_s"] >= data["wall_time_s"]
 
     # --report-only (safe beside a running benchmark) tabulates the same runs
     report = subprocess.run([*cmd, "--report-only", "--results", str(tmp_path / "report")],
@@ -117,35 +182,67 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
     assert third["methods"] == data["methods"] and third["wall_time_s"] is None
 
 
-def test_markdown_names_missing_runs():
-    result = {
-        "command": "python -m bench.methods", "missing_runs": ["srd/seed2"], "failed_runs": {},
+def _result(methods: dict) -> dict:
+    return {
+        "command": "python -m bench.methods", "missing_runs": ["srd/seed4"], "failed_runs": {},
         "wall_time_s": 60.0, "machine": {"load_average_1min": 1.0, "cpus": 2},
-        "setting": {"size": vars(bench.SIZES["full"]) | {}, "train_images": 5120,
-                    "train_identities": 320, "unlabelled_images": 1600,
-                    "resolution": [112, 112], "teacher_steps": 600, "student_steps": 300,
-                    "batch_size": 64, "held_out": {"ijb": {}},
+        "floor_rule": "TAR@FAR ... floor", "bootstrap_rule": "[low, high]: bootstrap",
+        "setting": {"size": vars(bench.SIZES["full"]) | {}, "train_images": 4096,
+                    "train_identities": 256, "unlabelled_images": 1600,
+                    "resolution": [112, 112], "teacher_steps": 384, "student_steps": 192,
+                    "batch_size": 64, "test": {"ijb": {"identities": 200}},
+                    "validation": {"ijb": {"identities": 100}, "seed": 1},
+                    "seeds": [0, 1, 2, 3, 4], "tune_seed": 1000,
+                    "weight_factors": list(bench.WEIGHT_FACTORS),
+                    "temp_factors": list(bench.TEMP_FACTORS), "srd_effective_weight": 8.0,
                     "teacher": {"arch": "r_tiny", "widths": [16, 32, 64, 128],
                                 "embedding_size": 256, "params": 1_900_000},
                     "student": {"arch": "mbf_tiny", "widths": [32, 32, 64, 128],
                                 "embedding_size": 128, "params": 80_000}},
         "teacher": {"seeds": [0], **{m: {"mean": 80.0, "std": None, "n": 1}
-                                     for m in bench.METRICS}},
-        "methods": {},
+                                     for m in bench.METRICS},
+                    f"{bench.PRIMARY}_interval": {"value": 80.0, "low": 77.0, "high": 83.0}},
+        "methods": methods,
     }
-    entry = {m: {"mean": 60.0, "std": 1.0, "n": 3} for m in bench.METRICS}
-    result["methods"]["none"] = {"seeds": [0, 1, 2], **entry,
-                                 "gap_share": {m: 0.0 for m in bench.METRICS}}
-    result["methods"]["srd"] = {"seeds": [0, 1], **{m: {"mean": 75.0, "std": 2.0, "n": 2}
-                                                    for m in bench.METRICS},
-                                "gap_share": {m: 0.75 for m in bench.METRICS}}
-    run = {bench.PRIMARY: 61.0, bench.ACC: 70.0, "train_cpu_seconds": 120.0}
-    result["methods"]["none"]["runs"] = {str(s): run for s in (0, 1, 2)}
-    result["methods"]["srd"]["runs"] = {"0": run, "1": run}
+
+
+def _row(mean, tuned=True, vs_alone=None, vs_srd=None, seeds=(0, 1, 2, 3, 4)):
+    entry = {m: bench.stats([mean - 1, mean, mean + 1, mean, mean][:len(seeds)])
+             for m in bench.METRICS}
+    run = {bench.PRIMARY: mean, bench.ACC: 70.0, "train_cpu_seconds": 120.0}
+    return {"seeds": list(seeds), "tuned": tuned, **entry,
+            "runs": {str(s): run for s in seeds}, "bootstrap_half_width": 2.5,
+            "gap_share": {m: (mean - 60.0) / 20.0 for m in bench.METRICS},
+            "chosen": {"setting": {"weight": 3.0, "temp": 1.0}, "values": {"srd": 3.0}}
+            if tuned else {"setting": {"weight": 1.0, "temp": 1.0}, "values": {}},
+            "tuning": [], "vs_alone": vs_alone, "vs_srd": vs_srd}
+
+
+def test_markdown_states_intervals_significance_and_missing_runs():
+    sig = bench.paired({str(s): 75.0 + (s % 2) for s in range(5)},
+                       {str(s): 60.0 for s in range(5)})
+    flat = bench.paired({"0": 61.0, "1": 59.0, "2": 62.0, "3": 58.0, "4": 60.5},
+                        {str(s): 60.0 for s in range(5)})
+    below = bench.paired({str(s): 61.0 + (s % 2) for s in range(5)},
+                         {str(s): 75.0 for s in range(5)})
+    result = _result({"none": _row(60.0, tuned=False),
+                      "srd": _row(75.0, vs_alone=sig),
+                      "kd": _row(60.3, vs_alone=flat, vs_srd=below)})
+    result["methods"]["srd"]["tuning"] = [
+        {"setting": {"weight": 3.0, "temp": 1.0}, "values": {"srd": 3.0, "feat": 3.0},
+         bench.PRIMARY: 71.5}]
     text = bench.markdown(result)
-    assert "| srd | 61.00 / 70.00 / 2.0 | 61.00 / 70.00 / 2.0 | missing |" in text
-    assert "missing runs** srd/seed2" in text
-    assert "75.00 ± 2.00" in text and "75 %" in text
+    assert "SRD closes 75 % of the teacher-student TAR@FAR=1e-3 gap" in text
     assert "goal >= 60 %: met" in text
-    assert "kd has no finished run" in text
-    assert "5120 images of 320 identities" in text and "112x112" in text
+    assert "srd beats the student alone significantly" in text
+    assert "kd does NOT beat the student alone significantly here" in text
+    assert "below SRD" in text
+    assert " * |" in text                                     # the significance mark
+    assert "[77.00, 83.00]" in text and "± 2.50" in text      # bootstrap resolution
+    assert "| srd | x3 / x1 | srd 3, feat 3 | 71.50 |" in text
+    assert "missing runs** srd/seed4" in text
+    assert "4096 images of 256 identities" in text and "112x112" in text
+    assert "2s²/D = 8" in text
+    result["setting"]["test_above_floor"] = False
+    below = bench.markdown(result)
+    assert "n/a (None impostor pairs)" in below and "no verdict" in below
