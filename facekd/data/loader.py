@@ -236,8 +236,10 @@ class _BatchStream:
 
     def __init__(self, source: Any, batch_size: int, rank: int, world_size: int,
                  flip: bool, drop_last: bool, labelled: bool,
-                 pool: BufferPool | None = None, images_per_identity: int = 1) -> None:
+                 pool: BufferPool | None = None, images_per_identity: int = 1,
+                 raw_jpeg: bool = False) -> None:
         self.source = source
+        self.raw_jpeg = raw_jpeg  # JPEG bytes only: the main process decodes on its device
         self.images_per_identity = images_per_identity
         self.pool = pool  # only in-process: worker batches travel through shared memory
         self.batch_size = batch_size
@@ -294,16 +296,45 @@ class _BatchStream:
 
         keys, labels = self.source.keys, self.source.labels
         rows, batch_flips = self.rows(seed, epoch, j)
-        shape = (len(rows), 3, IMAGE_SIZE, IMAGE_SIZE)
-        images = self.pool.empty(shape, np.uint8) if self.pool else np.empty(shape, np.uint8)
-        decode_batch(self.source.read, rows.tolist(), batch_flips.tolist(), images,
-                     self.source.name, keys, scratch)
-        return {"image": torch.from_numpy(images),
+        if self.raw_jpeg:
+            batch = self._raw_jpeg(rows, batch_flips)
+        else:
+            shape = (len(rows), 3, IMAGE_SIZE, IMAGE_SIZE)
+            images = self.pool.empty(shape, np.uint8) if self.pool \
+                else np.empty(shape, np.uint8)
+            decode_batch(self.source.read, rows.tolist(), batch_flips.tolist(), images,
+                         self.source.name, keys, scratch)
+            batch = {"image": torch.from_numpy(images)}
+        return {**batch,
                 "label": torch.from_numpy(labels[rows].astype(np.int64)) if self.labelled
                 else torch.full((len(rows),), -1, dtype=torch.int64),
                 "key": torch.from_numpy(keys[rows].astype(np.int64)),
                 "flipped": torch.from_numpy(batch_flips.copy()),
                 "batch_index": j}
+
+    def _raw_jpeg(self, rows: np.ndarray, flips: np.ndarray) -> dict[str, Any]:
+        """Encoded JPEGs packed for device decoding; other payloads decoded here."""
+        import torch
+
+        from facekd.data.device_decode import is_jpeg, pack_payloads
+
+        payloads, cpu_rows, cpu_planes = [], [], []
+        for i, row in enumerate(rows.tolist()):
+            payload = self.source.read(row)
+            if is_jpeg(payload):
+                payloads.append(payload)
+                continue
+            plane = np.empty((3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+            decode_into(payload, plane, bool(flips[i]), self.source.name,
+                        int(self.source.keys[row]))
+            payloads.append(b"")
+            cpu_rows.append(i)
+            cpu_planes.append(plane)
+        buffer, lengths = pack_payloads(payloads)
+        fallback = torch.from_numpy(np.stack(cpu_planes)) if cpu_planes \
+            else torch.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+        return {"jpeg": buffer, "jpeg_lengths": lengths, "fallback": fallback,
+                "fallback_rows": torch.tensor(cpu_rows, dtype=torch.int64)}
 
     def __getitem__(self, name: tuple[int, int, int]) -> dict[str, Any]:
         return self.batch(*name)
@@ -424,7 +455,8 @@ class TrainLoader:
                  epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  flip: bool = True, drop_last: bool = True, labelled: bool = True,
                  images_per_identity: int = 1, pin_memory: bool = False,
-                 prefetch_factor: int = 4, persistent_workers: bool = True) -> None:
+                 prefetch_factor: int = 4, persistent_workers: bool = True,
+                 decode_device: Any = None) -> None:
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -453,6 +485,7 @@ class TrainLoader:
         self.persistent_workers = bool(persistent_workers)
         self._pass_start = 0
         self._workers: Any = None   # the DataLoader, built on the first pass and kept
+        self.decode_device = decode_device  # None: workers decode; else JPEGs decode there
 
     @property
     def num_samples(self) -> int:
@@ -500,12 +533,20 @@ class TrainLoader:
         else:
             stream = _BatchStream(self.source, self.batch_size, self.rank, self.world_size,
                                   self.flip, self.drop_last, self.labelled, pool=self._pool,
-                                  images_per_identity=self.images_per_identity)
+                                  images_per_identity=self.images_per_identity,
+                                  raw_jpeg=self.decode_device is not None)
             raw = stream.batches(self.seed, self.epoch, start)
         for batch in raw:
             batch.pop("batch_index")
             if self.pin_memory and self.num_workers <= 0:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
+            if self.decode_device is not None:
+                from facekd.data.device_decode import decode_on_device
+
+                batch["image"] = decode_on_device(
+                    batch.pop("jpeg"), batch.pop("jpeg_lengths"), batch["flipped"],
+                    self.decode_device, IMAGE_SIZE, batch.pop("fallback"),
+                    batch.pop("fallback_rows"))
             self._batches_done += 1
             yield batch
 
@@ -518,7 +559,8 @@ class TrainLoader:
 
             stream = _BatchStream(self.source, self.batch_size, self.rank, self.world_size,
                                   self.flip, self.drop_last, self.labelled, pool=None,
-                                  images_per_identity=self.images_per_identity)
+                                  images_per_identity=self.images_per_identity,
+                                  raw_jpeg=self.decode_device is not None)
             self._workers = DataLoader(_map_dataset(stream), batch_size=None,
                                        sampler=_BatchNames(self),
                                        num_workers=self.num_workers,
@@ -534,7 +576,8 @@ def build_train_loader(source: str | os.PathLike | Any, batch_size: int, *, seed
                        num_workers: int = 0, flip: bool = True, drop_last: bool = True,
                        labelled: bool = True, images_per_identity: int = 1,
                        pin_memory: bool = False, prefetch_factor: int = 4,
-                       persistent_workers: bool = True) -> TrainLoader:
+                       persistent_workers: bool = True,
+                       decode_device: Any = None) -> TrainLoader:
     """The training loader over a shards folder or ``.rec`` dataset (see module docstring).
 
     Batches are dicts: ``image`` uint8 N x 3 x 112 x 112 RGB (turn it into the [-1, 1]
@@ -546,10 +589,13 @@ def build_train_loader(source: str | os.PathLike | Any, batch_size: int, *, seed
     images each, consecutive rows); ``batch_size`` must be a multiple of K.
     ``pin_memory`` (the trainer sets it on CUDA) yields page-locked batches, so the
     ``non_blocking`` host-to-device copies overlap; worker processes persist across epochs
-    and keep ``prefetch_factor`` batches each in flight.
+    and keep ``prefetch_factor`` batches each in flight. ``decode_device`` (e.g. the
+    trainer's GPU): workers send the JPEG bytes and the batch is decoded there
+    (:mod:`facekd.data.device_decode`); ``image`` is then uint8 on that device.
     """
     return TrainLoader(source, batch_size, seed=seed, epoch=epoch, rank=rank,
                        world_size=world_size, num_workers=num_workers, flip=flip,
                        drop_last=drop_last, labelled=labelled,
                        images_per_identity=images_per_identity, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
+                       prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                       decode_device=decode_device)

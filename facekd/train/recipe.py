@@ -23,6 +23,9 @@ class DataConfig:
     flip: bool = True
     images_per_identity: int = 1          # K > 1: batches of batch_size/K identities x K
                                           # images (REFILLED stage 1, relation losses)
+    decode: Literal["workers", "device"] = "workers"  # device: loader workers send JPEG
+                                          # bytes, the batch is decoded on the training
+                                          # device (nvJPEG on CUDA) when CPUs are short
 
 
 @dataclass

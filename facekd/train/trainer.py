@@ -284,6 +284,8 @@ class Trainer:
         if self.device.type == "cuda":
             # page-locked batches: the non_blocking copies in train_step really overlap
             common["pin_memory"] = True
+        if r.data.decode == "device":
+            common["decode_device"] = self.device
         # float input batches recycled step to step (BufferPool: no fresh pages per step)
         from facekd.data.loader import BufferPool
 
