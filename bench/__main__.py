@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "p2_rec2shards": "P2 rec2shards wall time vs copying the bytes",
     "p3_loader": "P3 loader images/s vs bare cv2.imdecode",
     "loader_groups": "identity-grouped (P x K) batches: pairs per batch, plan cost, speed",
+    "loader_workers": "loader images/s per worker process; workers per GPU at arcface_torch rate",
     "p4_models": "P4 backbone cost and Partial FC sampling",
     "p4_step_time": "P4 SRD step time with the teacher cache vs student alone",
     "p5_ijb_scoring": "P5 IJB-C-size scoring vs the reference algorithm",
