@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.facekd-installed
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench gpu-check
 
 $(STAMP): pyproject.toml requirements.lock requirements-edge.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,6 @@ lint: $(STAMP)
 
 bench: $(STAMP)  # list them; run one with: make bench B=p1_recordio_read
 	$(BIN)/python -m bench $(B)
+
+gpu-check: $(STAMP)  # one CUDA GPU, < 8 min: writes bench/results/gpu_check.{md,json}
+	$(BIN)/python -m bench.gpu_check
