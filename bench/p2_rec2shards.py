@@ -64,9 +64,10 @@ def cpu_phases(folder: Path, out: Path, block: int = 512) -> dict[str, float]:
     block functions (no shards metadata written): where the conversion's time goes."""
     import hashlib
 
-    from facekd.data import shards as shards_mod
+    from facekd.data.shards import tar as shards_tar
+    from facekd.data.shards.sources import RecSamples
 
-    source = shards_mod.RecSamples(folder)
+    source = RecSamples(folder)
     phases = {"parse + check records": 0.0, "sha1": 0.0, "tar framing": 0.0,
               "os.writev (kernel copy)": 0.0}
     out.mkdir(parents=True, exist_ok=True)
@@ -80,9 +81,9 @@ def cpu_phases(folder: Path, out: Path, block: int = 512) -> dict[str, float]:
             for payload in samples.payloads:
                 hashlib.sha1(payload).digest()
             t2 = clock()
-            buffers, _, pos = shards_mod._block_iovecs(samples, pos)
+            buffers, _, pos = shards_tar.block_iovecs(samples, pos)
             t3 = clock()
-            shards_mod._writev_all(f.fileno(), buffers)
+            shards_tar.writev_all(f.fileno(), buffers)
             t4 = clock()
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 phases[name] += seconds

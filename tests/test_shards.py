@@ -14,10 +14,10 @@ import pytest
 
 from facekd.cli import main as cli_main
 from facekd.data import open_rec
-from facekd.data import shards as shards_mod
 from facekd.data.folder import folder2shards, rec2folder
 from facekd.data.recordio import IRHeader, RecordWriter, pack_record, write_insightface_dataset
 from facekd.data.shards import ShardSet, rec2shards, shards2rec, tar_header, tar_headers
+from facekd.data.shards import writer as shards_writer
 from facekd.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "recordio"
@@ -88,14 +88,14 @@ def test_kill_and_resume_gives_identical_shards(tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     rec2shards(INSIGHTFACE, reference, shard_size=8, workers=1)
     out = tmp_path / "resumed"
-    real = shards_mod._write_shard
+    real = shards_writer._write_shard
 
-    def dying(out_dir, shard, start, stop, skip_bad):
+    def dying(source, out_dir, shard, start, stop, skip_bad):
         if shard == 3:
             raise KeyboardInterrupt  # like a kill in the middle of the run
-        return real(out_dir, shard, start, stop, skip_bad)
+        return real(source, out_dir, shard, start, stop, skip_bad)
 
-    monkeypatch.setattr(shards_mod, "_write_shard", dying)
+    monkeypatch.setattr(shards_writer, "_write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         rec2shards(INSIGHTFACE, out, shard_size=8, workers=1)
     assert sorted(p.name for p in out.glob("shard-*.tar")) == [
@@ -103,7 +103,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path, monkeypatch):
     assert not (out / "manifest.parquet").exists()
     (out / ".shard-000004.tar.tmp-12345").write_bytes(b"partial")  # SIGKILL leftovers
     shutil.copy(out / "shard-000000.tar", out / "shard-000005.tar")  # renamed, no index
-    monkeypatch.setattr(shards_mod, "_write_shard", real)
+    monkeypatch.setattr(shards_writer, "_write_shard", real)
     rec2shards(INSIGHTFACE, out, shard_size=8, workers=2)
     assert _tree_bytes(out) == _tree_bytes(reference)
     assert (out / "manifest.parquet").read_bytes() == \

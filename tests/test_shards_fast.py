@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 
 from facekd.data import open_rec
-from facekd.data import shards as shards_mod
 from facekd.data.recordio import MAGIC_BYTES, IRHeader, RecordWriter, pack_record
 from facekd.data.shards import RecSamples, rec2shards, tar_header
+from facekd.data.shards import tar as shards_tar
+from facekd.data.shards import writer as shards_writer
 from facekd.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "recordio"
@@ -116,7 +117,7 @@ def test_image_spans_agree_with_read_image_on_the_fixtures(layout):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_shards_equal_a_member_by_member_reference(tmp_path, monkeypatch, workers):
     names = _mixed_rec(tmp_path)
-    monkeypatch.setattr(shards_mod, "_BATCH", 3)  # many blocks, bad records at their edges
+    monkeypatch.setattr(shards_writer, "_BATCH", 3)  # many blocks, bad records at their edges
     out = tmp_path / "shards"
     summary = rec2shards(tmp_path, out, shard_size=5, workers=workers, skip_bad=True,
                          verify=True)
@@ -140,7 +141,7 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
             return real_writev(fd, buffers[:2]) + os.write(fd, bytes(buffers[2])[:7])
         return real_writev(fd, buffers)
 
-    monkeypatch.setattr(shards_mod.os, "writev", short_writev)
+    monkeypatch.setattr(shards_tar.os, "writev", short_writev)
     rec2shards(tmp_path, tmp_path / "out", shard_size=4, workers=1, skip_bad=True)
     tars, _ = _reference_shards(tmp_path, 4)
     assert {p.name: p.read_bytes() for p in sorted((tmp_path / "out").glob("*.tar"))} == tars
@@ -167,18 +168,18 @@ def test_worker_errors_reach_the_caller(tmp_path):
 
 def test_a_dying_worker_is_a_data_error_and_the_run_resumes(tmp_path, monkeypatch):
     _mixed_rec(tmp_path)
-    real = shards_mod._write_shard
+    real = shards_writer._write_shard
 
-    def killed(out_dir, shard, start, stop, skip_bad):
+    def killed(source, out_dir, shard, start, stop, skip_bad):
         if shard == 2:
             os._exit(9)  # like the OOM killer: no exception, no result
-        return real(out_dir, shard, start, stop, skip_bad)
+        return real(source, out_dir, shard, start, stop, skip_bad)
 
-    monkeypatch.setattr(shards_mod, "_write_shard", killed)
+    monkeypatch.setattr(shards_writer, "_write_shard", killed)
     out = tmp_path / "out"
     with pytest.raises(DataError, match="conversion worker died"):
         rec2shards(tmp_path, out, shard_size=2, workers=2, skip_bad=True)
-    monkeypatch.setattr(shards_mod, "_write_shard", real)
+    monkeypatch.setattr(shards_writer, "_write_shard", real)
     rec2shards(tmp_path, out, shard_size=2, workers=2, skip_bad=True)
     tars, _ = _reference_shards(tmp_path, 2)
     assert {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))} == tars
@@ -195,15 +196,15 @@ def test_member_texts_by_digits_equal_the_formatted_ones():
         labels = rng.permutation(np.concatenate([rng.choice(edges, n), rng.integers(0, 10**5, n)]))
         flags = rng.choice(np.array([0, 1, 2, 10, 4294967295], np.int64), 2 * n)
         exts = rng.choice(np.array([b"jpg", b"png"], "S3"), 2 * n)
-        fast = shards_mod.member_texts_by_digits(keys, labels, flags, exts)
-        slow = shards_mod.member_texts_formatted(keys, labels, flags, exts)
+        fast = shards_tar.member_texts_by_digits(keys, labels, flags, exts)
+        slow = shards_tar.member_texts_formatted(keys, labels, flags, exts)
         for got, want in zip(fast[:3], slow[:3], strict=True):
             width = max(got.shape[1], want.shape[1])
             pad = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in (got, want)]
             assert np.array_equal(*pad)
         assert np.array_equal(fast[3], slow[3])
     negative = np.array([-1], np.int64)
-    assert shards_mod.member_texts_by_digits(negative, negative, np.zeros(1, np.int64),
+    assert shards_tar.member_texts_by_digits(negative, negative, np.zeros(1, np.int64),
                                              np.array([b"jpg"], "S3")) is None
 
 
