@@ -167,7 +167,7 @@ def _rewritten_fp32(src: Path, dst: Path) -> dict:
     """The FP32 file with the INT8 recipe's exact FP32 rewrites plus PRelu as Max."""
     import onnx
 
-    from facekd.export import quantize as quant
+    from facekd.export import int8_rewrites as quant
 
     model_proto = onnx.load(str(src))
     done = {"prelu_slopes_folded": quant.fold_prelu_slopes_above_one(model_proto),
@@ -207,9 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS / "p6_latency"))
     args = parser.parse_args(argv)
 
-    from facekd.export import quantize as quant
-    from facekd.export.onnx_export import export_onnx, load_student, variant_path
+    from facekd.export.calibration import load_calibration_images
+    from facekd.export.graph import variant_path
+    from facekd.export.int8 import quantize_int8
+    from facekd.export.onnx_export import export_onnx, load_student
     from facekd.export.parity import synthetic_aligned_faces, to_model_input
+    from facekd.export.variants import evaluate_variants
     from facekd.fileio import write_json_atomic, write_text_atomic
 
     with tempfile.TemporaryDirectory(prefix="facekd-p6-") as tmp:
@@ -225,9 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "onnx_int8": variant_path(out, "int8"),
                  "onnx_int8_prev": workdir / "student.int8_prev.onnx",
                  "onnx_fp32_rewritten": workdir / "student.fp32_rewritten.onnx"}
-        prev_settings = quant.quantize_int8(
+        prev_settings = quantize_int8(
             out, files["onnx_int8_prev"],
-            quant.load_calibration_images(calib_data, args.calib), normalize_inside=False,
+            load_calibration_images(calib_data, args.calib), normalize_inside=False,
             recipe="qdq-dw-fp32")
         rewrites = _rewritten_fp32(out, files["onnx_fp32_rewritten"])
         student = load_student(ckpt)
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.eval_bin:
             named = {("fp32" if k == "onnx_fp32" else k): v for k, v in files.items()}
             accuracy = {("onnx_fp32" if k == "fp32" else k): v for k, v in
-                        quant.evaluate_variants(named, args.eval_bin, False).items()}
+                        evaluate_variants(named, args.eval_bin, False).items()}
         runners = {"torch_eager": _torch_runner(student.model, args.threads)}
         runners.update({name: _ort_runner(path, args.threads) for name, path in files.items()})
         x = to_model_input(synthetic_aligned_faces(1, seed=77))

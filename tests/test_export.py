@@ -15,13 +15,9 @@ from facekd.cli import main as cli_main
 from facekd.errors import FacekdError
 from facekd.export import onnx_export, parity
 from facekd.export.card import card_paths
-from facekd.export.onnx_export import (
-    check_challenge,
-    export_backbone,
-    export_onnx,
-    load_student,
-    read_metadata,
-)
+from facekd.export.checks import check_challenge
+from facekd.export.graph import read_metadata
+from facekd.export.onnx_export import export_backbone, export_onnx, load_student
 from facekd.models import create_model, list_models, save_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

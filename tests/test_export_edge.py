@@ -84,7 +84,7 @@ def test_trained_student_in_its_runtime(name, trained, tmp_path):
     x = parity.to_model_input(parity.synthetic_aligned_faces(6, seed=3))
     reference = parity.torch_embeddings(model, x)
     from facekd.evaluate import evaluate_bin
-    from facekd.export.quantize import accuracy_of
+    from facekd.export.variants import accuracy_of
 
     floor = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.95}
     for variant, info in variants.items():

@@ -12,9 +12,14 @@ import pytest
 import torch
 
 from facekd.errors import FacekdError
-from facekd.export import parity, quantize
+from facekd.export import parity
+from facekd.export import variants as variants_mod
+from facekd.export.calibration import load_calibration_images
 from facekd.export.card import card_paths
-from facekd.export.onnx_export import check_challenge, export_onnx, variant_path
+from facekd.export.checks import check_challenge
+from facekd.export.fp16 import convert_fp16
+from facekd.export.graph import variant_path
+from facekd.export.onnx_export import export_onnx
 from facekd.models import create_model, save_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -98,7 +103,7 @@ def test_variants_with_normalisation_inside_stay_insightface_compatible(ckpt, tm
 
 def test_refused_variant_is_removed_unless_forced(ckpt, tmp_path, monkeypatch, caplog):
     impossible = parity.ParityThresholds(max_abs=0.0, max_one_minus_cos=0.0)
-    monkeypatch.setitem(quantize.VARIANT_THRESHOLDS, "fp16", impossible)
+    monkeypatch.setitem(variants_mod.VARIANT_THRESHOLDS, "fp16", impossible)
     out = tmp_path / "m.onnx"
     with pytest.raises(FacekdError, match=r"refused.*fp16"):
         export_onnx(ckpt, out, fp16=True)
@@ -124,33 +129,33 @@ def test_accuracy_drop_gate():
                          "evaluation": {"accuracy": 0.9 - drop, "drop_vs_fp32": drop,
                                         "bin": "x.bin"}}}
 
-    assert quantize.judge_variants(variants(0.005), max_drop=0.01, force=False) == []
+    assert variants_mod.judge_variants(variants(0.005), max_drop=0.01, force=False) == []
     bad = variants(0.03)
-    assert quantize.judge_variants(bad, max_drop=0.01, force=False) == ["int8"]
+    assert variants_mod.judge_variants(bad, max_drop=0.01, force=False) == ["int8"]
     assert "accuracy drop 0.0300" in bad["int8"]["verdict"]["reason"]
     forced = variants(0.03)
-    assert quantize.judge_variants(forced, max_drop=0.01, force=True) == []
+    assert variants_mod.judge_variants(forced, max_drop=0.01, force=True) == []
     assert forced["int8"]["verdict"] == {"accepted": True, "forced": True,
                                          "reason": forced["int8"]["verdict"]["reason"]}
 
 
 def test_calibration_sources(tmp_path):
-    rec = quantize.load_calibration_images(REC, count=20)
+    rec = load_calibration_images(REC, count=20)
     assert rec.shape == (20, 3, 112, 112) and rec.dtype == np.float32
     assert -1.0 <= rec.min() < 0 < rec.max() <= 1.0
-    from_bin = quantize.load_calibration_images(BIN, count=500)
+    from_bin = load_calibration_images(BIN, count=500)
     assert from_bin.shape == (80, 3, 112, 112)
     with pytest.raises(FacekdError):
-        quantize.load_calibration_images(tmp_path / "missing", count=4)
+        load_calibration_images(tmp_path / "missing", count=4)
     (tmp_path / "x.txt").write_text("no")
     with pytest.raises(FacekdError):
-        quantize.load_calibration_images(tmp_path / "x.txt", count=4)
+        load_calibration_images(tmp_path / "x.txt", count=4)
 
 
 def test_own_fp16_conversion_when_onnxconverter_is_missing(exported, tmp_path, monkeypatch):
     out, _ = exported
     monkeypatch.setitem(__import__("sys").modules, "onnxconverter_common", None)
-    model_proto, converter = quantize.convert_fp16(onnx.load(str(out)))
+    model_proto, converter = convert_fp16(onnx.load(str(out)))
     assert converter == "facekd"
     onnx.checker.check_model(model_proto)
     half = tmp_path / "half.onnx"

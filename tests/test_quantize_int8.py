@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from facekd.errors import FacekdError
-from facekd.export import parity, quantize
+from facekd.export import int8_rewrites, parity
+from facekd.export.int8 import quantize_int8
 from facekd.export.onnx_export import trace_to_onnx
 from facekd.models import create_model
 
@@ -62,9 +63,9 @@ def _one_minus_cos(a: np.ndarray, b: np.ndarray) -> float:
 def test_fp32_rewrites_are_exact(fp32_file, faces):
     model_proto = onnx.load(str(fp32_file))
     prelus = sum(n.op_type == "PRelu" for n in model_proto.graph.node)
-    assert quantize.fold_prelu_slopes_above_one(model_proto) == prelus   # all have slopes > 1
-    assert quantize.split_grouped_convs(model_proto) == 1
-    assert quantize.pad_conv_input_channels(model_proto) == 1     # the 3-channel stem
+    assert int8_rewrites.fold_prelu_slopes_above_one(model_proto) == prelus   # all have slopes > 1
+    assert int8_rewrites.split_grouped_convs(model_proto) == 1
+    assert int8_rewrites.pad_conv_input_channels(model_proto) == 1     # the 3-channel stem
     onnx.checker.check_model(model_proto)
     for node in model_proto.graph.node:
         if node.op_type == "PRelu":
@@ -83,7 +84,7 @@ def test_fp32_rewrites_are_exact(fp32_file, faces):
     assert max(groups) > 1
     # The FP32 comparison rewrite of the benchmark: PRelu as Max(x, a * x), bit-exact.
     remaining = sum(n.op_type == "PRelu" for n in model_proto.graph.node)   # split added one
-    assert quantize.prelu_as_max(model_proto) == remaining == prelus + 1
+    assert int8_rewrites.prelu_as_max(model_proto) == remaining == prelus + 1
     assert not [n for n in model_proto.graph.node if n.op_type == "PRelu"]
     np.testing.assert_allclose(_run(model_proto, faces), reference, rtol=1e-5, atol=1e-5)
 
@@ -91,7 +92,7 @@ def test_fp32_rewrites_are_exact(fp32_file, faces):
 @pytest.mark.parametrize("slope_op", ["conv", "mul"])
 def test_int8_runs_every_prelu_in_int8(fp32_file, faces, tmp_path, slope_op):
     out = tmp_path / "student.int8.onnx"
-    settings = quantize.quantize_int8(fp32_file, out, faces[:16], normalize_inside=False,
+    settings = quantize_int8(fp32_file, out, faces[:16], normalize_inside=False,
                                       slope_op=slope_op)
     model_proto = onnx.load(str(out))
     assert settings["prelu_fp32"] == 0 and settings["prelu_int8"] > 0
@@ -115,12 +116,12 @@ def test_int8_runs_every_prelu_in_int8(fp32_file, faces, tmp_path, slope_op):
 
 def test_previous_recipe_and_unknown_recipe(fp32_file, faces, tmp_path):
     out = tmp_path / "legacy.int8.onnx"
-    settings = quantize.quantize_int8(fp32_file, out, faces[:8], normalize_inside=False,
+    settings = quantize_int8(fp32_file, out, faces[:8], normalize_inside=False,
                                       recipe="qdq-dw-fp32")
     assert settings["depthwise_conv"] == "fp32" and settings["excluded_nodes"]
     assert any(n.op_type == "PRelu" for n in onnx.load(str(out)).graph.node)
     with pytest.raises(FacekdError, match="recipe"):
-        quantize.quantize_int8(fp32_file, tmp_path / "x.onnx", faces[:8],
+        quantize_int8(fp32_file, tmp_path / "x.onnx", faces[:8],
                                normalize_inside=False, recipe="fastest")
 
 
@@ -136,7 +137,7 @@ def test_shared_weights_behind_identity_nodes_are_rewritten(faces, tmp_path):
     trace_to_onnx(model, src)
     assert any(n.op_type == "Identity" for n in onnx.load(str(src)).graph.node)
     out = tmp_path / "shared.int8.onnx"
-    settings = quantize.quantize_int8(src, out, faces[:8], normalize_inside=False)
+    settings = quantize_int8(src, out, faces[:8], normalize_inside=False)
     assert settings["prelu_fp32"] == 0 and settings["prelu_slopes_folded"] > 0
     assert _one_minus_cos(_run(out, faces), _run(src, faces)) < \
         parity.INT8_THRESHOLDS.max_one_minus_cos

@@ -4,4 +4,6 @@ Import the submodules (``facekd.export.onnx_export`` etc.); this package imports
 heavy itself so the CLI stays fast.
 """
 
-__all__ = ["card", "commands", "onnx_export", "parity", "quantize"]
+__all__ = ["calibration", "card", "checks", "commands", "edge", "fp16", "graph", "int8",
+           "int8_rewrites", "ncnn_export", "onnx_export", "parity", "tflite_export",
+           "tflite_lower", "variants"]

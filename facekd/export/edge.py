@@ -75,7 +75,8 @@ def export_edge(fmt: EdgeFormat, ckpt: str | Path, out: str | Path, *, arch: str
                 force: bool = False) -> dict[str, Any]:
     """``facekd export ncnn|tflite``: FP32 (+ FP16/INT8) files, each gated, with cards."""
     from facekd.export import card as card_mod
-    from facekd.export import quantize as quant_mod
+    from facekd.export import variants as variants_mod
+    from facekd.export.calibration import load_calibration_images
     from facekd.export.onnx_export import load_student
 
     out = Path(out)
@@ -98,7 +99,7 @@ def export_edge(fmt: EdgeFormat, ckpt: str | Path, out: str | Path, *, arch: str
                               ".bin with a few hundred training faces)")
     x = parity_mod.to_model_input(parity_mod.synthetic_aligned_faces(16, seed=0))
     reference = parity_mod.torch_embeddings(student.model, x)
-    calib = (quant_mod.load_calibration_images(calib_data, count=calib_count)
+    calib = (load_calibration_images(calib_data, count=calib_count)
              if int8 else None)
     wanted = ["fp32"] + [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
     variants: dict[str, dict[str, Any]] = {}
@@ -127,7 +128,7 @@ def export_edge(fmt: EdgeFormat, ckpt: str | Path, out: str | Path, *, arch: str
         if eval_bin is not None:
             _evaluate(fmt, {v: (paths[v] if v == "fp32" else pending[v]) for v in wanted},
                       variants, eval_bin, normalize_inside)
-        refused = quant_mod.judge_variants(variants, max_drop=max_drop, force=force)
+        refused = variants_mod.judge_variants(variants, max_drop=max_drop, force=force)
         for variant in wanted[1:]:
             if variant not in refused:
                 _publish(pending[variant], paths[variant])
@@ -196,7 +197,7 @@ def _evaluate(fmt: EdgeFormat, paths: dict[str, list[Path]], variants: dict[str,
               eval_bin: str | Path, normalize_inside: bool) -> None:
     """Verification accuracy of each variant in its runtime; drop vs the FP32 file."""
     from facekd.evaluate import evaluate_bin
-    from facekd.export.quantize import accuracy_of
+    from facekd.export.variants import accuracy_of
 
     for variant in variants:
         embedder = fmt.embedder(paths[variant], variant, normalize_inside=normalize_inside)

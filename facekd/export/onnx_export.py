@@ -9,8 +9,6 @@ recognition-challenge checks have passed.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import warnings
@@ -22,16 +20,21 @@ import numpy as np
 
 from facekd.errors import CheckpointError, FacekdError
 from facekd.export import parity as parity_mod
+from facekd.export.checks import check_challenge, insightface_compat
+from facekd.export.graph import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    add_input_normalization,
+    base_metadata,
+    set_metadata,
+    variant_path,
+)
 from facekd.fileio import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "data"
-OUTPUT_NAME = "embedding"
 DEFAULT_OPSET = 17
 # Node names insightface's ArcFaceONNX looks for (prefix "Sub"/"Mul" in the first 8 nodes).
-NORM_SUB_NODE = "Sub_facekd_input_normalize"
-NORM_MUL_NODE = "Mul_facekd_input_normalize"
 RUN_FOLDER_CHECKPOINTS = ("student.pt", "checkpoint_last.pt", "last.pt")
 RECIPE_NAMES = ("recipe.yaml", "recipe.resolved.yaml", "resolved_recipe.yaml", "config.yaml")
 
@@ -177,179 +180,6 @@ def simplify_model(model_proto: Any) -> Any:
     return simplified
 
 
-def add_input_normalization(model_proto: Any) -> None:
-    """Put ``(x - 127.5) / 127.5`` in the graph as the first nodes, named Sub*/Mul*.
-
-    insightface's ArcFaceONNX switches to mean 0 / std 1 when it sees ``Sub`` and ``Mul``
-    node names among the first eight nodes, so these two go first.
-    """
-    from onnx import TensorProto, helper
-
-    graph = model_proto.graph
-    centred, scaled = f"{INPUT_NAME}_centred", f"{INPUT_NAME}_normalized"
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == INPUT_NAME:
-                node.input[i] = scaled
-    for output in graph.output:
-        if output.name == INPUT_NAME:
-            raise FacekdError("the model returns its input unchanged; nothing to export")
-    graph.initializer.extend([
-        helper.make_tensor("facekd_input_mean", TensorProto.FLOAT, [], [127.5]),
-        helper.make_tensor("facekd_input_scale", TensorProto.FLOAT, [], [1.0 / 127.5]),
-    ])
-    sub = helper.make_node("Sub", [INPUT_NAME, "facekd_input_mean"], [centred], name=NORM_SUB_NODE)
-    mul = helper.make_node("Mul", [centred, "facekd_input_scale"], [scaled], name=NORM_MUL_NODE)
-    nodes = [sub, mul, *graph.node]
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
-def move_normalization_first(model_proto: Any) -> None:
-    """After quantisers/converters reorder nodes, put the Sub/Mul pair first again.
-
-    The pair and whatever it depends on (e.g. a Cast of the input) move to the front in
-    their original relative order; that keeps the node list topologically sorted because
-    the set of ancestors is closed under taking predecessors.
-    """
-    graph = model_proto.graph
-    nodes = list(graph.node)
-    norm = [n for n in nodes if n.name in (NORM_SUB_NODE, NORM_MUL_NODE)]
-    if len(norm) != 2:
-        return
-    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
-    front: set[int] = set()
-    stack = [nodes.index(n) for n in norm]
-    while stack:
-        i = stack.pop()
-        if i in front:
-            continue
-        front.add(i)
-        stack.extend(producer[name] for name in nodes[i].input if name in producer)
-    ordered = [n for i, n in enumerate(nodes) if i in front]
-    ordered += [n for i, n in enumerate(nodes) if i not in front]
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def set_metadata(model_proto: Any, entries: dict[str, Any]) -> None:
-    """Write ``facekd.*`` metadata_props (strings; dicts become JSON)."""
-    keep = [p for p in model_proto.metadata_props if p.key not in entries]
-    del model_proto.metadata_props[:]
-    for prop in keep:
-        model_proto.metadata_props.add(key=prop.key, value=prop.value)
-    for key, value in entries.items():
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        model_proto.metadata_props.add(key=key, value=text)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file as a dict (without loading the weights)."""
-    import onnx
-
-    model_proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model_proto.metadata_props}
-
-
-def file_normalizes_inside(path: str | Path) -> bool:
-    """Whether an exported file expects raw [0, 255] pixels (normalisation in the graph)."""
-    return read_metadata(path).get("facekd.input_normalization") == "inside"
-
-
-def base_metadata(student: ExportedStudent, normalize_inside: bool, variant: str) -> dict:
-    """The metadata every facekd ONNX file carries."""
-    from facekd import __version__
-
-    return {
-        "facekd.version": __version__,
-        "facekd.variant": variant,
-        "facekd.arch": student.arch,
-        "facekd.arch_kwargs": student.arch_kwargs,
-        "facekd.embedding_size": str(student.embedding_size),
-        "facekd.input_normalization": "inside" if normalize_inside else "outside",
-        "facekd.input_format": ("float32 NCHW RGB in [0, 255]; (x - 127.5) / 127.5 in graph"
-                                if normalize_inside else
-                                "float32 NCHW RGB, (x - 127.5) / 127.5 applied by the caller"),
-        "facekd.checkpoint_sha256": student.source.checkpoint_sha256,
-    }
-
-
-def check_challenge(path: str | Path, *, allow_fp16: bool = False,
-                    raise_on_fail: bool = True) -> dict[str, Any]:
-    """The insightface recognition-challenge checks on an ONNX file.
-
-    4-D input, a single output, no FP16 initialisers (``allow_fp16`` for the declared FP16
-    variant), finite outputs on a batch of 32, embedding dim <= 512. Returns each check's
-    result; raises FacekdError naming the first failing check when ``raise_on_fail``.
-    """
-    import onnx
-
-    model_proto = onnx.load(str(path))
-    graph = model_proto.graph
-    init_names = {init.name for init in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in init_names]
-    checks: dict[str, Any] = {}
-    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
-    checks["single_input"] = len(inputs) == 1
-    checks["input_4d"] = len(dims) == 4
-    checks["input_112x112"] = (len(dims) == 4 and dims[2].dim_value == 112
-                               and dims[3].dim_value == 112 and dims[1].dim_value == 3)
-    checks["single_output"] = len(graph.output) == 1
-    fp16 = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
-    fp16 += [n.name for n in graph.node if n.op_type == "Constant" and any(
-        a.t.data_type == onnx.TensorProto.FLOAT16 for a in n.attribute if a.HasField("t"))]
-    checks["fp16_initializers"] = len(fp16)
-    checks["no_fp16_initializers"] = allow_fp16 or not fp16
-    out = np.full((1, 1), np.nan, np.float32)
-    if checks["single_input"] and checks["input_4d"]:
-        session = parity_mod.onnx_session(path)
-        rng = np.random.default_rng(32)
-        batch = rng.uniform(0, 255, (32, 3, 112, 112)).astype(np.float32)
-        if not _normalizes_inside(model_proto):
-            batch = (batch - 127.5) / 127.5
-        out = session.run(None, {session.get_inputs()[0].name: batch})[0]
-    checks["batch32_output_shape"] = list(out.shape)
-    checks["no_nan_batch32"] = bool(np.isfinite(out).all()) and out.shape[0] == 32
-    checks["feature_dim"] = int(out.shape[-1]) if out.ndim == 2 else None
-    checks["feature_dim_le_512"] = out.ndim == 2 and out.shape[-1] <= 512
-    failed = [k for k in ("single_input", "input_4d", "input_112x112", "single_output",
-                          "no_fp16_initializers", "no_nan_batch32", "feature_dim_le_512")
-              if not checks[k]]
-    checks["passed"] = not failed
-    if failed and raise_on_fail:
-        raise FacekdError(f"{path}: fails the insightface recognition-challenge check(s) "
-                          f"{', '.join(failed)} ({json.dumps({k: checks[k] for k in failed})})")
-    return checks
-
-
-def _normalizes_inside(model_proto: Any) -> bool:
-    return any(p.key == "facekd.input_normalization" and p.value == "inside"
-               for p in model_proto.metadata_props)
-
-
-def insightface_compat(path: str | Path, normalize_inside: bool) -> dict[str, Any]:
-    """Load with ``insightface.model_zoo.get_model`` and check it is read as intended.
-
-    It must be routed to ArcFaceONNX with the input mean/std matching where the
-    normalisation lives (127.5 outside, 0/1 inside); a mismatch would silently feed the
-    network wrongly scaled pixels.
-    """
-    try:
-        with contextlib.redirect_stdout(None):
-            from insightface.model_zoo import get_model
-
-            model = get_model(str(path), providers=["CPUExecutionProvider"])
-    except ImportError:
-        return {"checked": False, "reason": "insightface not installed"}
-    kind = type(model).__name__ if model is not None else None
-    mean = getattr(model, "input_mean", None)
-    std = getattr(model, "input_std", None)
-    expected = (0.0, 1.0) if normalize_inside else (127.5, 127.5)
-    ok = kind == "ArcFaceONNX" and (mean, std) == expected
-    return {"checked": True, "loaded_as": kind, "input_mean": mean, "input_std": std,
-            "passed": ok}
-
-
 def export_backbone(student: ExportedStudent, out: str | Path, *, normalize_inside: bool = False,
                     simplify: bool = False, opset: int = DEFAULT_OPSET,
                     parity_faces: int = 16,
@@ -435,7 +265,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
     Returns the card dict.
     """
     from facekd.export import card as card_mod
-    from facekd.export import quantize as quant_mod
+    from facekd.export import variants as variants_mod
+    from facekd.export.calibration import load_calibration_images
 
     out = Path(out)
     if out.suffix != ".onnx":
@@ -468,20 +299,20 @@ def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
     wanted = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
     calib = None
     if int8:
-        calib = quant_mod.load_calibration_images(calib_data, count=calib_count)
+        calib = load_calibration_images(calib_data, count=calib_count)
     for variant in wanted:
         target = variant_path(out, variant)
-        variants[variant] = quant_mod.make_variant(
+        variants[variant] = variants_mod.make_variant(
             out, target, variant, student=student, normalize_inside=normalize_inside,
             calib=calib, calib_source=calib_data, x=x, reference=reference)
     evaluation = None
     if eval_bin is not None:
-        evaluation = quant_mod.evaluate_variants(
+        evaluation = variants_mod.evaluate_variants(
             {v: (out if v == "fp32" else variant_path(out, v)) for v in variants},
             eval_bin, normalize_inside)
         for v, numbers in evaluation.items():
             variants[v]["evaluation"] = numbers
-    refused = quant_mod.judge_variants(variants, max_drop=max_drop, force=force)
+    refused = variants_mod.judge_variants(variants, max_drop=max_drop, force=force)
     for variant in refused:
         variant_path(out, variant).unlink(missing_ok=True)
     card = card_mod.build_card(student, variants, normalize_inside=normalize_inside,
@@ -495,9 +326,3 @@ def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
         raise FacekdError(f"{out}: refused quantised variant(s) and removed them ({reasons}); "
                           f"use --force to keep them")
     return card
-
-
-def variant_path(out: str | Path, variant: str) -> Path:
-    """``student.onnx`` -> ``student.fp16.onnx`` / ``student.int8.onnx``."""
-    out = Path(out)
-    return out if variant == "fp32" else out.with_name(f"{out.stem}.{variant}.onnx")
