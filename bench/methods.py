@@ -160,7 +160,7 @@ SIZES: dict[str, BenchSize] = {
 
 
 def recipes_dir() -> Path:
-    from facekd.demo import recipes_dir as found
+    from facekd.train.recipe import recipes_dir as found  # the shipped recipes
 
     return found()
 
@@ -344,10 +344,10 @@ def student_overrides(layout: Layout, size: BenchSize, method: str, seed: int,
 
 
 def _train(recipe_file: str, overrides: list[str]) -> None:
-    from facekd.train.recipe import load_recipe
+    from facekd.train.recipe import load_recipe, shipped_recipe
     from facekd.train.trainer import train
 
-    train(load_recipe(str(recipes_dir() / recipe_file), overrides))
+    train(load_recipe(str(shipped_recipe(recipe_file)), overrides))
 
 
 def _far_key(table: dict[Any, float], far: float) -> float:

@@ -22,11 +22,14 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("prep", "facekd.data.commands"),
     ("models", "facekd.models.commands"),
     ("teacher", "facekd.models.teacher_commands"),
-    ("distill", "facekd.train.commands"),
+    ("distill", "facekd.distill_command"),
     ("eval", "facekd.evaluate.commands"),
     ("export", "facekd.export.commands"),
     ("demo", "facekd.demo"),
 )
+
+# Modules that add subcommands to groups above (``register(subparsers)`` too).
+EXTENSIONS: tuple[str, ...] = ("facekd.train.commands",)  # facekd teacher cache
 
 log = logging.getLogger("facekd")
 
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "outside their folder (refused by default)")
     sub = parser.add_subparsers(dest="group", metavar="GROUP")
     sub.required = True
-    for _, module in GROUPS:
+    for module in [m for _, m in GROUPS] + list(EXTENSIONS):
         importlib.import_module(module).register(sub)
     return parser
 

@@ -56,16 +56,6 @@ BINS = ("lfw", "cfp_fp", "agedb_30")
 THREADS = 2
 
 
-def recipes_dir() -> Path:
-    """The repository's ``recipes/`` folder (the demo runs from a clone)."""
-    from facekd.errors import FacekdError
-
-    here = Path(__file__).resolve().parents[1] / "recipes"
-    if not (here / "teacher_synth.yaml").exists():
-        raise FacekdError(f"{here}: recipe files not found; run the demo from a facekd clone")
-    return here
-
-
 def _step(name: str, done: Callable[[], bool], run: Callable[[], Any]) -> float:
     """Run one demo step unless ``done()``; returns its wall time (0 when reused)."""
     if done():
@@ -81,7 +71,7 @@ def _step(name: str, done: Callable[[], bool], run: Callable[[], Any]) -> float:
 
 def _train(recipe_name: str, out: Path, data: Path, size: DemoSize, seed: int,
            extra: list[str], threads: int = THREADS) -> Path:
-    from facekd.train.recipe import load_recipe
+    from facekd.train.recipe import load_recipe, shipped_recipe
     from facekd.train.trainer import train
 
     # no .bin evaluation while training: the demo's evaluation step scores every model
@@ -90,7 +80,7 @@ def _train(recipe_name: str, out: Path, data: Path, size: DemoSize, seed: int,
                  f"run.threads={threads}", *extra]
     if size.max_steps is not None:
         overrides.append(f"run.max_steps={size.max_steps}")
-    return train(load_recipe(str(recipes_dir() / recipe_name), overrides))
+    return train(load_recipe(str(shipped_recipe(recipe_name)), overrides))
 
 
 def _train_side_by_side(jobs: list[tuple[Any, ...]]) -> None:

@@ -155,3 +155,19 @@ def test_cli_parser_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_registry_refuses_a_second_factory_under_a_taken_name():
+    from facekd.errors import FacekdError
+    from facekd.models.registry import register_model
+
+    def mbf_tiny(**kwargs):  # same name as a built-in, different factory
+        raise AssertionError("must not be registered")
+
+    list_models()  # built-ins loaded
+    with pytest.raises(FacekdError, match="model 'mbf_tiny' registered twice"):
+        register_model(mbf_tiny)
+    assert create_model("mbf_tiny").__class__.__name__ != "NoneType"
+    from facekd.models import mobilefacenet
+
+    assert register_model(mobilefacenet.mbf_tiny) is mobilefacenet.mbf_tiny  # re-import: fine

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from facekd.models.registry import autocast_if, register_model
+from facekd.models.catalog import register_model
+from facekd.models.layers import autocast_if
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from facekd.models.registry import autocast_if, register_model
+from facekd.models.catalog import register_model
+from facekd.models.layers import autocast_if
 
 
 class Flatten(nn.Module):

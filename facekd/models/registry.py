@@ -6,19 +6,17 @@ checkpoint can always be rebuilt from its name and kwargs alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from facekd.errors import FacekdError
+from facekd.models.catalog import MODELS as _MODELS
+from facekd.models.catalog import register_model
 
-_MODELS: dict[str, Callable[..., Any]] = {}
+__all__ = ["create_model", "embedding_size", "feature_channels", "feature_layers",
+           "feature_shapes", "format_model_table", "list_models", "model_info",
+           "register_model"]
+
 _BUILTINS_LOADED = False
-
-
-def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: register a model factory under its function name."""
-    _MODELS[fn.__name__] = fn
-    return fn
 
 
 def _load_builtins() -> None:
@@ -28,16 +26,6 @@ def _load_builtins() -> None:
         from facekd.models import iresnet, mobilefacenet  # noqa: F401
 
         _BUILTINS_LOADED = True
-
-
-def autocast_if(enabled: bool, x):
-    """Autocast on ``x``'s device when ``enabled`` (the backbones' ``fp16`` flag); a no-op
-    context otherwise, so meta-device shape passes (MAC counting) work too."""
-    import contextlib
-
-    import torch
-
-    return torch.autocast(x.device.type) if enabled else contextlib.nullcontext()
 
 
 def list_models() -> list[str]:

@@ -1,7 +1,8 @@
 """CLI group ``facekd teacher``: rebuild a teacher classifier (``centres``).
 
-The trainer owner adds ``cache`` here. Handlers import the library lazily so
-``facekd --help`` stays instant.
+``facekd.train.commands`` adds ``cache`` to this group through :func:`subcommands` (the
+cache belongs to the trainer, and models must not import train). Handlers import the
+library lazily so ``facekd --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -30,26 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--save-every", type=int, default=50,
                     help="batches between resume points (default 50)")
     cp.set_defaults(func=_centres)
+    p.facekd_subcommands = tsub  # type: ignore[attr-defined]  # for subcommands()
 
-    kp = tsub.add_parser(  # the trainer's teacher cache (facekd.train.cache)
-        "cache", help="run the teacher once over the training data (image + mirror)",
-        description="Store the teacher embedding of every training image and of its mirror "
-                    "image (flip is the only augmentation, so this is exact) in OUT, "
-                    "memory-mapped and keyed by sample key, plus the teacher class centres; "
-                    "recipes then set teacher.cache: OUT. Resumable: rerun after a kill. "
-                    "Several GPUs: torchrun --nproc-per-node N -m facekd teacher cache ...")
-    kp.add_argument("teacher", help="arcface_torch backbone, facekd checkpoint or .onnx")
-    kp.add_argument("shards", help="shards folder or RecordIO dataset folder (the training data)")
-    kp.add_argument("out", help="output cache folder")
-    kp.add_argument("--arch", help="registry name when the checkpoint is a bare state dict")
-    kp.add_argument("--classifier", help="class centres / Partial FC files for the teacher head")
-    kp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    kp.add_argument("--batch-size", type=int, default=128)
-    kp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
-    kp.add_argument("--num-workers", type=int, default=0)
-    kp.add_argument("--chunk-batches", type=int, default=50,
-                    help="batches between resume points (default 50)")
-    kp.set_defaults(func=_cache)
+
+def subcommands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The ``facekd teacher`` group's subcommands, for stages that add their own."""
+    return sub.choices["teacher"].facekd_subcommands
 
 
 def _centres(args: argparse.Namespace) -> int:
@@ -60,12 +47,3 @@ def _centres(args: argparse.Namespace) -> int:
                     num_workers=args.num_workers, save_every=args.save_every)
     return 0
 
-
-def _cache(args: argparse.Namespace) -> int:
-    from facekd.train.cache import build_teacher_cache
-
-    build_teacher_cache(args.teacher, args.shards, args.out, arch=args.arch,
-                        classifier=args.classifier, batch_size=args.batch_size,
-                        dtype=args.dtype, device=args.device, num_workers=args.num_workers,
-                        chunk_batches=args.chunk_batches)
-    return 0

@@ -1,32 +1,61 @@
-"""CLI group ``facekd distill RECIPE [key=value ...]``.
+"""train's CLI: ``facekd teacher cache`` (the trainer's teacher cache).
 
-Multi-GPU / multi-node: launch the same command under torchrun
-(``torchrun --nproc-per-node 8 -m facekd distill RECIPE``); the trainer reads torchrun's
-environment itself.
+``facekd distill`` itself is wired in :mod:`facekd.distill_command`, above the stages,
+because it composes training with in-training verification (``facekd.evaluate``).
+Handlers import the library lazily so ``facekd --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+
+from facekd.models.teacher_commands import subcommands
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="train a student (optionally with a teacher) from a recipe",
-                       description="Train a student from a YAML recipe; key.sub=value "
-                                   "arguments override recipe keys. Rerunning the same "
-                                   "command resumes from the run folder's latest checkpoint.")
-    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    p.set_defaults(func=run)
+    """Add train's subcommands to the groups other stages created."""
+    _register_teacher_cache(subcommands(sub))
 
 
-def run(args: argparse.Namespace) -> int:
-    from facekd.train.recipe import load_recipe
-    from facekd.train.trainer import train
+def _register_teacher_cache(tsub: argparse._SubParsersAction) -> None:
+    """``facekd teacher cache``: the trainer's teacher cache, in the teacher group."""
+    kp = tsub.add_parser(
+        "cache", help="run the teacher once over the training data (image + mirror)",
+        description="Store the teacher embedding of every training image and of its mirror "
+                    "image (flip is the only augmentation, so this is exact) in OUT, "
+                    "memory-mapped and keyed by sample key, plus the teacher class centres; "
+                    "recipes then set teacher.cache: OUT. Resumable: rerun after a kill. "
+                    "Several GPUs: torchrun --nproc-per-node N -m facekd teacher cache ...")
+    kp.add_argument("teacher", help="arcface_torch backbone, facekd checkpoint or .onnx")
+    kp.add_argument("shards", help="shards folder or RecordIO dataset folder (the training data)")
+    kp.add_argument("out", help="output cache folder")
+    kp.add_argument("--arch", help="registry name when the checkpoint is a bare state dict")
+    kp.add_argument("--classifier", help="class centres / Partial FC files for the teacher head")
+    kp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    kp.add_argument("--batch-size", type=int, default=128)
+    kp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    kp.add_argument("--num-workers", type=int, default=0)
+    kp.add_argument("--chunk-batches", type=int, default=50,
+                    help="batches between resume points (default 50)")
+    kp.set_defaults(func=_cache)
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    out = train(recipe)
-    if os.environ.get("RANK", "0") == "0":   # torchrun: print the run folder once
-        print(out)
+
+def _cache(args: argparse.Namespace) -> int:
+    from facekd.train.cache import build_teacher_cache
+
+    build_teacher_cache(args.teacher, args.shards, args.out, arch=args.arch,
+                        classifier=args.classifier, batch_size=args.batch_size,
+                        dtype=args.dtype, device=args.device, num_workers=args.num_workers,
+                        chunk_batches=args.chunk_batches)
     return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from facekd.train.cache import build_teacher_cache
+
+    build_teacher_cache(args.teacher, args.shards, args.out, arch=args.arch,
+                        classifier=args.classifier, batch_size=args.batch_size,
+                        dtype=args.dtype, device=args.device, num_workers=args.num_workers,
+                        chunk_batches=args.chunk_batches)
+    return 0
+

@@ -7,6 +7,7 @@ recipe (defaults filled in, overrides applied) is saved in each run folder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from facekd.errors import ConfigError
@@ -163,3 +164,24 @@ def load_recipe(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     from facekd.config import load_config
 
     return load_config(Recipe, path, overrides)
+
+
+def recipes_dir() -> Path:
+    """The recipes facekd ships: package data in an installed wheel; in a clone,
+    ``facekd/recipes`` links to the repository's ``recipes/`` folder, so both read the same
+    files."""
+    from importlib.resources import files
+
+    here = Path(str(files("facekd") / "recipes"))
+    if not (here / "teacher_synth.yaml").is_file():
+        raise ConfigError(f"{here}: facekd's recipe files are missing (a broken install?)")
+    return here
+
+
+def shipped_recipe(name: str) -> Path:
+    """``recipes_dir() / name`` (``.yaml`` added when missing), which must exist."""
+    path = recipes_dir() / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+        raise ConfigError(f"no shipped recipe '{name}'; known: {known}")
+    return path

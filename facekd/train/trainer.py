@@ -42,6 +42,9 @@ from facekd.train.schedule import StepSchedule
 
 log = logging.getLogger(__name__)
 
+# (embedder, .bin path, batch size) -> verification numbers with "acc_mean"
+Evaluator = Callable[[Any, str, int], dict[str, Any]]
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -200,13 +203,18 @@ class Trainer:
     ``loader_factory`` replaces :func:`facekd.data.loader.build_train_loader` (same
     signature) for data facekd cannot read; ``teacher`` is an already loaded teacher
     (``embed``/``centres``/``scale``/``features``) used instead of ``teacher.checkpoint``.
+    ``evaluator(embedder, bin_path, batch_size) -> {"acc_mean": ...}`` scores
+    ``data.val_bins`` during training; it is passed in (``facekd distill`` gives
+    :func:`facekd.evaluate.evaluate_bin`) because training comes before evaluation in the
+    pipeline and must not import it.
     """
 
     def __init__(self, recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
-                 teacher: Any = None) -> None:
+                 teacher: Any = None, evaluator: Evaluator | None = None) -> None:
         self.recipe = recipe
         self.loader_factory = loader_factory
         self.given_teacher = teacher
+        self.evaluator = evaluator
         self.out = Path(recipe.run.output)
         self.dist = DistInfo()
         self.device = torch.device("cpu")
@@ -732,21 +740,16 @@ class Trainer:
         if not bins:
             return results
         if self.dist.is_main:
-            try:
-                from facekd.evaluate import evaluate_bin
-            except ImportError:
-                log.warning("facekd.evaluate.evaluate_bin is not available; "
+            if self.evaluator is None:
+                log.warning("data.val_bins is set but no evaluator was given; "
                             "skipping verification")
-                evaluate_bin = None
-            if evaluate_bin is not None:
+            else:
                 model = _unwrap(self.student_ddp)
                 model.eval()
                 try:
                     embedder = StudentEmbedder(model, self.device)
                     for path in bins:
-                        res = evaluate_bin(embedder, path,
-                                           batch_size=self.recipe.run.eval_batch_size,
-                                           use_cache=False, progress=False)
+                        res = self.evaluator(embedder, path, self.recipe.run.eval_batch_size)
                         name = Path(path).stem
                         results[f"val/{name}/acc"] = float(res["acc_mean"])
                         log.info("step %d %s: acc %.4f +- %.4f", step, name,
@@ -927,7 +930,7 @@ class Trainer:
 
 
 def train(recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
-          teacher: Any = None) -> Path:
+          teacher: Any = None, evaluator: Evaluator | None = None) -> Path:
     """Train per ``recipe`` (DDP when launched by torchrun); returns the run folder.
 
     A method trained in stages (REFILLED) runs one Trainer per stage
@@ -936,4 +939,4 @@ def train(recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
     from facekd.train.stages import run_stages
 
     return run_stages(recipe, lambda stage: Trainer(stage, loader_factory=loader_factory,
-                                                    teacher=teacher).run())
+                                                    teacher=teacher, evaluator=evaluator).run())
