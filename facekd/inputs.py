@@ -47,7 +47,7 @@ class Folder:
 
         ``where`` names the listing (``file:line`` or ``file: key``) for the message.
         """
-        text = os.fspath(name)
+        text = str(os.fspath(name))  # numpy str from meta files prints as np.str_(...)
         if not text or "\0" in text:
             raise DataError(f"{where}: {what} name {text!r} is empty or holds a NUL byte")
         path = self.root / text

@@ -457,8 +457,9 @@ def _external_data_onnx(path: Path, location: str) -> None:
         [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3, 112, 112])],
         [weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # one onnxruntime loads, so the external data is what it meets
+    onnx.save(model, str(path))
 
 
 def _writer_cases(w: dict[str, Path], target: Path) -> list[dict[str, Any]]:
@@ -544,11 +545,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = root / "cases"
     cases = _cases(w, base)
     cases.append({"id": "__alloc__", "alloc_gb": 8})
+    in_the_way = root / "a_file"  # outputs aimed below a regular file: "path is a file"
+    in_the_way.write_text("not a folder\n")
+    blocked = [dict(c, id=f"file:{c['id']}", list=[]) for c in _writer_cases(w, in_the_way)]
     before = _tree_digest(root / "good"), _tree_digest(w["secret"])
-    results = _run_driver(cases, root, "inputs", _env(w["secret"]))
+    results = _run_driver(cases + blocked, root, "inputs", _env(w["secret"]))
     after = _tree_digest(root / "good"), _tree_digest(w["secret"])
     return {"w": w, "cases": {c["id"]: c for c in cases if "argv" in c}, "results": results,
-            "unchanged": before == after, "root": root}
+            "unchanged": before == after, "root": root, "blocked": blocked,
+            "in_the_way": in_the_way}
 
 
 def _check_one_line(case: dict[str, Any], result: dict[str, Any]) -> None:
@@ -684,6 +689,14 @@ def test_unwritable_output(unwritable, kind, case_id):
         empty = [p for p, size in left if size == 0 and not p.endswith(".log")]
         assert not empty, f"empty outputs left: {empty}"
         assert "No space left" in result["stderr"], result["stderr"]
+
+
+@pytest.mark.parametrize("case_id", WRITER_CASES)
+def test_output_below_a_file(world, case_id):
+    """An output path whose folder is a regular file: one line naming it, file intact."""
+    case = next(c for c in world["blocked"] if c["id"] == f"file:{case_id}")
+    _check_one_line(case, world["results"][case["id"]])
+    assert world["in_the_way"].read_text() == "not a folder\n"
 
 
 # ------------------------------------------------------------ the eight reported cases

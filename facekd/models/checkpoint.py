@@ -68,7 +68,10 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's first paragraph advises weights_only=False; the reason is further down
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                     lines[0] if lines else type(exc).__name__)
         raise CheckpointError(f"{path}: refused to load (not a plain-weights checkpoint; "
                               f"weights_only=True): {first}") from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
