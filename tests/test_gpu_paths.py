@@ -53,9 +53,17 @@ def test_resume_reads_the_checkpoint_to_the_host_whatever_the_device(tmp_path, m
         seen: dict[str, object] = {}
         real_load = checkpointing.load_state
 
-        def spy_load(path, map_location="cpu"):
-            seen["map_location"] = map_location
-            return real_load(path, map_location="cpu")  # no GPU here to map onto
+        real_torch_load = torch.load
+
+        def spy_torch_load(*args, **kwargs):
+            seen["map_location"] = kwargs.get("map_location")
+            kwargs["map_location"] = "cpu"  # no GPU here to map onto
+            return real_torch_load(*args, **kwargs)
+
+        def spy_load(*args, **kwargs):
+            with monkeypatch.context() as m:
+                m.setattr(torch, "load", spy_torch_load)
+                return real_load(*args, **kwargs)
 
         set_states: list[torch.Tensor] = []
         real_set = torch.set_rng_state

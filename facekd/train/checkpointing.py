@@ -120,11 +120,16 @@ def save_state(run_dir: str | Path, step: int, state: dict[str, Any], keep: int 
     return path
 
 
-def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint safely (weights_only) and check its format."""
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint safely (weights_only) and check its format.
+
+    Always to the host, whatever the training device: its RNG states must be CPU tensors
+    (``torch.set_rng_state``, ``.numpy()``), and ``load_state_dict`` copies weights into
+    modules that already live on the device.
+    """
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except Exception as exc:  # truncated file, foreign pickle, ...

@@ -581,10 +581,7 @@ class Trainer:
             return 0, 0, False
         if path is None:
             return 0, 0, False
-        # Always to the host: the RNG ByteTensors and the NumPy state must be CPU tensors
-        # (torch.set_rng_state and .numpy() refuse GPU ones); weights are copied into the
-        # device-resident modules by load_state_dict anyway.
-        state = ckpt.load_state(path, map_location="cpu")
+        state = ckpt.load_state(path)  # to the host: RNG states must be CPU tensors
         if state.get("arch") != self.recipe.student.arch:
             from facekd.errors import CheckpointError
 
