@@ -74,7 +74,7 @@ def decode_on_device(buffer: Any, lengths: Any, flipped: Any, device: Any, size:
 def _cpu_decode(payload: Any, flip: bool, size: int) -> Any:
     import torch
 
-    from facekd.data.loader import decode_into
+    from facekd.data.decode import decode_into
 
     plane = np.empty((3, size, size), np.uint8)
     decode_into(payload.numpy().tobytes(), plane, flip, "device decode", -1)
