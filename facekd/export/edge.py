@@ -150,8 +150,9 @@ def export_edge(fmt: EdgeFormat, ckpt: str | Path, out: str | Path, *, arch: str
 
 
 def _pending_name(path: Path) -> Path:
-    """Where a file waits for its gates (hidden, beside its final name)."""
-    return path.with_name(f".{path.stem}.pending-{os.getpid()}{path.suffix}")
+    """Where a file waits for its gates: atomic_path's temp name, so a killed export's
+    leftovers look like any other (``fileio.remove_stale_temps`` knows them)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
 
 
 def _publish(pending: list[Path], final: list[Path]) -> None:

@@ -67,9 +67,14 @@ class TfliteFormat:
         elif variant == "int8":
             if calib is None:
                 raise FacekdError("--int8 needs calibration images (--calib-data)")
-            data = quantize_int8(fp32_files[0].read_bytes(), calib,
-                                 normalize_inside=normalize_inside)
+            # The FP32 file's graph with PRelu as depthwise convs (exact), so that XNNPACK
+            # runs the whole INT8 graph; the FP32 file itself keeps PRELU (faster in float).
+            float_graph = onnx_to_tflite(self._onnx_graph(student), int8_prelu=True,
+                                         normalize_inside=normalize_inside,
+                                         description=description)
+            data = quantize_int8(float_graph, calib, normalize_inside=normalize_inside)
             settings = {"quantizer": "LiteRT post-training full-integer (calibration wrapper)",
+                        "prelu": "a * x + (1 - a) * relu(x) as 1x1 depthwise convs + ADD",
                         "weights": "int8 per-channel", "activations": "int8",
                         "bias": "int32", "calibration": "MinMax",
                         "calibration_images": len(calib), "io": "float32"}
@@ -139,7 +144,8 @@ class TfliteEmbedder:
         nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         if len(nhwc) != self.batch:
             self.interpreter.resize_tensor_input(self.input, list(nhwc.shape))
-            self.interpreter.allocate_tensors()
+            with _quiet_stderr():  # XNNPACK announces itself here
+                self.interpreter.allocate_tensors()
             self.batch = len(nhwc)
         self.interpreter.set_tensor(self.input, nhwc)
         self.interpreter.invoke()

@@ -150,7 +150,8 @@ def _attrs(node: Any) -> dict[str, Any]:
 class _Lowering:
     """Walks the ONNX graph in order, emitting TFLite ops; constants fold with numpy."""
 
-    def __init__(self, model_proto: Any, fp16: bool, normalize_inside: bool) -> None:
+    def __init__(self, model_proto: Any, fp16: bool, normalize_inside: bool,
+                 int8_prelu: bool = False) -> None:
         from onnx import numpy_helper
 
         self.g = _Graph(fp16)
@@ -159,6 +160,7 @@ class _Lowering:
         self.values: dict[str, Any] = {
             init.name: numpy_helper.to_array(init) for init in self.graph.initializer}
         self.normalize_inside = normalize_inside
+        self.int8_prelu = int8_prelu
         self.readers: dict[str, int] = {o.name: 1 for o in self.graph.output}
         for node in self.graph.node:
             for name in node.input:
@@ -316,10 +318,46 @@ class _Lowering:
             flat = np.full(channels, flat[0], np.float32)
         if flat.size != channels:
             raise FacekdError(f"TFLite lowering: PRelu {node.name} slope shape {slope.shape}")
+        if self.int8_prelu and len(x.shape) == 3:
+            self.values[node.output[0]] = self._prelu_as_convs(node, x, flat)
+            return
         alpha_shape = (1, 1, channels) if len(x.shape) == 3 else (channels,)
         alpha = self.g.const(f"{node.name}_alpha", flat.reshape(alpha_shape))
         self.values[node.output[0]] = self._emit(self.s.BuiltinOperator.PRELU,
                                                  [x.index, alpha], node.output[0], x.shape)
+
+    def _prelu_as_convs(self, node: Any, x: _Act, a: np.ndarray) -> _Act:
+        """prelu_a(x) = a * x + (1 - a) * relu(x), from 1x1 depthwise convs and an ADD.
+
+        XNNPACK runs no INT8 PRELU, so each one would split the INT8 graph into a fallback
+        kernel between two delegate partitions (twice as slow on mbf here). Depthwise 1x1
+        convs carry any per-channel slope exactly in their per-channel int8 scales, and
+        relu comes fused: relu(|1 - a| x) = |1 - a| relu(x); channels with a > 1 get their
+        sign from one more depthwise conv. Exact in float; used for the graph that is
+        calibrated and quantised.
+        """
+        s = self.s
+        name = node.output[0]
+        plus = np.abs(1.0 - a).astype(np.float32)
+        relu = self._depthwise_1x1(x, plus, f"{name}_relu_part", s.ActivationFunctionType.RELU)
+        if (a > 1.0).any():
+            relu = self._depthwise_1x1(relu, np.where(a > 1.0, -1.0, 1.0).astype(np.float32),
+                                       f"{name}_relu_sign")
+        linear = self._depthwise_1x1(x, a, f"{name}_linear_part")
+        return self._emit(s.BuiltinOperator.ADD, [linear.index, relu.index], name, x.shape,
+                          s.BuiltinOptions.AddOptions, s.AddOptionsT())
+
+    def _depthwise_1x1(self, x: _Act, weights: np.ndarray, name: str,
+                       activation: int = 0) -> _Act:
+        s = self.s
+        opts = s.DepthwiseConv2DOptionsT()
+        opts.padding, opts.strideH, opts.strideW = s.Padding.VALID, 1, 1
+        opts.depthMultiplier = 1
+        opts.fusedActivationFunction = activation
+        w = self.g.const(f"{name}_weights", weights.reshape(1, 1, 1, -1))
+        b = self.g.const(f"{name}_bias", np.zeros(weights.size, np.float32))
+        return self._emit(s.BuiltinOperator.DEPTHWISE_CONV_2D, [x.index, w, b], name, x.shape,
+                          s.BuiltinOptions.DepthwiseConv2DOptions, opts)
 
     def _op_Relu(self, node: Any) -> None:
         x = self._act(node.input[0])
@@ -472,6 +510,11 @@ class _Lowering:
 
 
 def onnx_to_tflite(model_proto: Any, *, fp16: bool = False, normalize_inside: bool = False,
+                   int8_prelu: bool = False,
                    description: str = "facekd face embedder") -> bytes:
-    """The TFLite flatbuffer (FP32, or FP16 weights) of a facekd ONNX backbone."""
-    return _Lowering(model_proto, fp16, normalize_inside).run(description)
+    """The TFLite flatbuffer (FP32, or FP16 weights) of a facekd ONNX backbone.
+
+    ``int8_prelu`` writes PRelu as depthwise convs (:meth:`_Lowering._prelu_as_convs`),
+    the float graph the INT8 quantiser starts from.
+    """
+    return _Lowering(model_proto, fp16, normalize_inside, int8_prelu).run(description)

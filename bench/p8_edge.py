@@ -1,0 +1,233 @@
+"""P8: batch-1 latency of the student in ONNX Runtime, NCNN and LiteRT, FP32/FP16/INT8.
+
+For each architecture (``--arch``, default mbf and mobilefacenet; seeded random weights
+with non-trivial BatchNorm statistics and PReLU slopes U(-0.2, 1.3), as in P6, unless
+``--checkpoint`` gives a trained student) one run exports every file through facekd's own
+commands (``export_onnx`` and ``export_edge`` for ncnn and tflite, FP16 + INT8, INT8
+calibrated on the same images for all three: 256 synthetic aligned faces in a temporary
+.bin unless ``--calib-data``), then times a batch of one aligned face in each runtime's
+Python package on 1 and 2 threads. Calls are interleaved round-robin (order rotated) so
+machine load hits every file alike; wall and CPU-time (``time.process_time``) medians are
+reported, and the load average before and after. With ``--eval-bin`` (meaningful with a
+trained checkpoint) each file's verification accuracy is measured in its runtime.
+
+Goals (issue 18): each runtime's INT8 within 1 point of its FP32 accuracy and <= 0.5x
+its FP32 latency; and which runtime is fastest for these models here.
+
+Run: ``.venv/bin/python -m bench.p8_edge`` (writes bench/results/p8_edge.{md,json}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.p6_latency import _calibration_bin, _ort_runner, _student, _time_interleaved
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNTIMES = ("onnxruntime", "ncnn", "litert")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _export_all(ckpt: Path, workdir: Path, calib: Path, calib_count: int,
+                eval_bin: str | None) -> tuple[dict, dict, dict]:
+    """Every file of one student: {(runtime, precision): files}, cards, export seconds."""
+    from facekd.export import edge
+    from facekd.export.ncnn_export import NcnnFormat
+    from facekd.export.onnx_export import export_onnx, variant_path
+    from facekd.export.tflite_export import TfliteFormat
+
+    files, cards, seconds = {}, {}, {}
+    t0 = time.perf_counter()
+    onnx_out = workdir / "student.onnx"
+    cards["onnxruntime"] = export_onnx(ckpt, onnx_out, fp16=True, int8=True, calib_data=calib,
+                                       calib_count=calib_count, eval_bin=eval_bin, force=True)
+    seconds["onnxruntime"] = time.perf_counter() - t0
+    for p in PRECISIONS:
+        files["onnxruntime", p] = [variant_path(onnx_out, p)]
+    for runtime, fmt in (("ncnn", NcnnFormat()), ("litert", TfliteFormat())):
+        t0 = time.perf_counter()
+        out = workdir / f"student{fmt.suffix}"
+        cards[runtime] = edge.export_edge(fmt, ckpt, out, fp16=True, int8=True,
+                                          calib_data=calib, calib_count=calib_count,
+                                          eval_bin=eval_bin, force=True)
+        seconds[runtime] = time.perf_counter() - t0
+        for p in PRECISIONS:
+            files[runtime, p] = fmt.files(edge.variant_path(out, p))
+    return files, cards, seconds
+
+
+def _runner(runtime: str, precision: str, paths: list[Path], threads: int):
+    """A batch-1 callable for one file in its own runtime package."""
+    if runtime == "onnxruntime":
+        return _ort_runner(paths[0], threads)
+    if runtime == "ncnn":
+        from facekd.export.ncnn_export import NcnnFormat
+
+        return NcnnFormat().embedder(paths, precision, normalize_inside=False, threads=threads)
+    from facekd.export.tflite_export import TfliteEmbedder
+
+    return TfliteEmbedder(paths[0], normalize_inside=False, threads=threads)
+
+
+def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
+    ckpt = _student(arch, args.checkpoint, workdir)
+    calib = Path(args.calib_data) if args.calib_data else _calibration_bin(workdir, args.calib)
+    files, cards, export_s = _export_all(ckpt, workdir, calib, args.calib, args.eval_bin)
+    x = _input(args)
+    timings: dict[str, dict] = {}
+    for threads in args.threads:
+        runners = {f"{r}/{p}": _runner(r, p, files[r, p], threads)
+                   for r in RUNTIMES for p in PRECISIONS}
+        timings[str(threads)] = _time_interleaved(runners, x, args.warmup, args.rounds)
+    rows = {}
+    for r in RUNTIMES:
+        for p in PRECISIONS:
+            info = cards[r]["variants"][p]
+            evaluation = info.get("evaluation") or {}
+            rows[f"{r}/{p}"] = {
+                "runtime": r, "precision": p, "file": info["file"],
+                "bytes": info.get("bytes") or sum(f.stat().st_size for f in files[r, p]),
+                "max_one_minus_cos_vs_torch": info["parity"]["max_one_minus_cos"],
+                "accuracy": evaluation.get("accuracy"),
+                "drop_vs_fp32": evaluation.get("drop_vs_fp32"),
+                "latency": {t: timings[t][f"{r}/{p}"] for t in timings}}
+    goals = {}
+    for r in RUNTIMES:
+        fp32, int8 = rows[f"{r}/fp32"], rows[f"{r}/int8"]
+        for t in timings:
+            wall = int8["latency"][t]["median_ms"] / fp32["latency"][t]["median_ms"]
+            cpu = int8["latency"][t]["cpu_median_ms"] / fp32["latency"][t]["cpu_median_ms"]
+            goals[f"{r} int8/fp32 latency, {t} thread(s)"] = {
+                "wall": wall, "cpu": cpu, "goal": 0.5, "met": wall <= 0.5 and cpu <= 0.5}
+        drop = int8["drop_vs_fp32"]
+        goals[f"{r} int8 accuracy drop"] = {
+            "drop": drop, "goal": 0.01, "met": None if drop is None else drop <= 0.01}
+    fastest = {}
+    for t in timings:
+        for p in PRECISIONS:
+            best = min(RUNTIMES, key=lambda r, p=p, t=t: rows[f"{r}/{p}"]["latency"][t]
+                       ["cpu_median_ms"])
+            fastest[f"{p}, {t} thread(s)"] = best
+        best = min(rows, key=lambda k, t=t: rows[k]["latency"][t]["cpu_median_ms"])
+        fastest[f"any, {t} thread(s)"] = best
+    model = cards["onnxruntime"]["model"]
+    return {"arch": model["arch"], "params": model["params"], "macs": model["macs"],
+            "weights": args.checkpoint or "random (seed 0), PReLU slopes U(-0.2, 1.3)",
+            "export_seconds": export_s, "rows": rows, "goals": goals, "fastest": fastest,
+            "settings": {r: cards[r]["variants"]["int8"].get("quantization", {})
+                         for r in RUNTIMES}}
+
+
+def _input(args: argparse.Namespace) -> np.ndarray:
+    from facekd.export.parity import synthetic_aligned_faces, to_model_input
+
+    return to_model_input(synthetic_aligned_faces(1, seed=77))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=["mbf", "mobilefacenet"])
+    parser.add_argument("--checkpoint", help="trained facekd checkpoint (one --arch: its own)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--calib", type=int, default=256, help="INT8 calibration images")
+    parser.add_argument("--calib-data", help="calibration source (.bin, RecordIO or shards) "
+                        "instead of synthetic faces")
+    parser.add_argument("--eval-bin", help=".bin set: every file's accuracy in its runtime")
+    parser.add_argument("--out", default=str(RESULTS / "p8_edge"))
+    args = parser.parse_args(argv)
+    if args.checkpoint and len(args.arch) > 1:
+        parser.error("--checkpoint is one student: pass its --arch only")
+
+    import ai_edge_litert.interpreter  # noqa: F401  (fail before the exports if missing)
+    import ncnn
+    import onnxruntime
+
+    from facekd.export.ncnn_export import versions
+    from facekd.fileio import write_json_atomic, write_text_atomic
+
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    archs = []
+    for arch in args.arch:
+        with tempfile.TemporaryDirectory(prefix="facekd-p8-") as tmp:
+            archs.append(_bench_arch(arch, args, Path(tmp)))
+    from importlib.metadata import version
+
+    result = {
+        "benchmark": "p8_edge", "archs": archs, "threads": args.threads,
+        "rounds": args.rounds, "warmup": args.warmup, "calibration_images": args.calib,
+        "eval_bin": args.eval_bin, "seconds": time.perf_counter() - started,
+        "command": " ".join([".venv/bin/python -m bench.p8_edge",
+                             *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
+                    "machine": platform.machine(), "load_average_1m_before": load_before,
+                    "load_average_1m_after": os.getloadavg()[0],
+                    "onnxruntime": onnxruntime.__version__, "ncnn": ncnn.__version__,
+                    "pnnx": versions().get("pnnx"),
+                    "ai_edge_litert": version("ai-edge-litert")},
+    }
+    out_base = Path(args.out)
+    write_json_atomic(out_base.with_suffix(".json"), result)
+    write_text_atomic(out_base.with_suffix(".md"), _markdown(result))
+    print(_markdown(result))
+    return result
+
+
+def _markdown(r: dict) -> str:
+    m = r["machine"]
+    threads = [str(t) for t in r["threads"]]
+    lines = [
+        "# P8: batch-1 latency on the on-device runtimes (CPU)", "",
+        f"{r['rounds']} interleaved rounds after {r['warmup']} warm-up rounds per thread "
+        f"count; every file exported by facekd (`export onnx`, `export ncnn`, `export tflite`, "
+        f"INT8 calibrated on the same {r['calibration_images']} images) and run in its own "
+        f"package: onnxruntime {m['onnxruntime']}, ncnn {m['ncnn']} (pnnx {m['pnnx']}), "
+        f"ai-edge-litert {m['ai_edge_litert']} (XNNPACK). {m['cpu_count']} CPUs "
+        f"({m['machine']}); 1-minute load average {m['load_average_1m_before']:.1f} before, "
+        f"{m['load_average_1m_after']:.1f} after: the machine is shared, so compare ratios "
+        f"and CPU ms (`time.process_time` per call) rather than absolute wall times.", ""]
+    for a in r["archs"]:
+        lines += [f"## `{a['arch']}` ({a['params'] / 1e6:.2f} M params, {a['macs'] / 1e9:.3f} "
+                  f"GMACs; weights: {a['weights']})", "",
+                  "| runtime | precision | MB | max 1-cos vs torch | accuracy | drop | "
+                  + " | ".join(f"{t} thr wall ms | {t} thr CPU ms" for t in threads) + " |",
+                  "|---|---|---|---|---|---|" + "---|---|" * len(threads)]
+        for row in a["rows"].values():
+            acc = row["accuracy"]
+            drop = row["drop_vs_fp32"]
+            lines.append(
+                f"| {row['runtime']} | {row['precision']} | {row['bytes'] / 1e6:.2f} | "
+                f"{row['max_one_minus_cos_vs_torch']:.2e} | "
+                f"{'–' if acc is None else f'{acc:.4f}'} | "
+                f"{'–' if drop is None else f'{drop:+.4f}'} | "
+                + " | ".join(f"{row['latency'][t]['median_ms']:.2f} | "
+                             f"{row['latency'][t]['cpu_median_ms']:.2f}" for t in threads)
+                + " |")
+        lines += ["", "| goal | value | target | met |", "|---|---|---|---|"]
+        for name, g in a["goals"].items():
+            if "drop" in g:
+                value = "not measured (no --eval-bin)" if g["drop"] is None else \
+                    f"{g['drop']:+.4f}"
+                met = "–" if g["met"] is None else ("yes" if g["met"] else "**no**")
+                lines.append(f"| {name} | {value} | ≤ {g['goal']} | {met} |")
+            else:
+                lines.append(f"| {name} | wall {g['wall']:.3f}, CPU {g['cpu']:.3f} | "
+                             f"≤ {g['goal']} | {'yes' if g['met'] else '**no**'} |")
+        lines += ["", "Fastest (CPU median): " + "; ".join(
+            f"{k}: {v}" for k, v in a["fastest"].items()) + ".", ""]
+    lines += [f"Command: `{r['command']}` ({r['seconds'] / 60:.1f} min)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
