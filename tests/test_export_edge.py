@@ -105,8 +105,10 @@ def test_trained_student_in_its_runtime(name, trained, tmp_path):
     # with a fresh run in the runtime above, not for being high.)
     assert 0.0 <= variants["int8"]["evaluation"]["accuracy"] <= 1.0
     sizes = {v: variants[v]["bytes"] for v in variants}
-    # (INT8 would be ~0.25x but per-channel scales and tensor names weigh on 82 k weights.)
-    assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.6 * sizes["fp32"]
+    # INT8 weights are a quarter of FP32's, but on 82 k weights the per-channel scales, and
+    # for LiteRT the PReLUs' 1x1 depthwise convs and tensor names, weigh (mbf: 0.42x).
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
+    assert sizes["int8"] < (0.45 if name == "ncnn" else 0.8) * sizes["fp32"]
     int8 = fmt.files(edge.variant_path(out, "int8"))
     if name == "tflite":
         from ai_edge_litert.interpreter import Interpreter

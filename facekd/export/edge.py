@@ -22,7 +22,7 @@ import numpy as np
 
 from facekd.errors import FacekdError
 from facekd.export import parity as parity_mod
-from facekd.fileio import sha256_file
+from facekd.fileio import make_dirs, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _write_checked(fmt: EdgeFormat, student: Any, variant: str, files: list[Path
                    reference: np.ndarray) -> dict[str, Any]:
     """Write one variant to ``files`` (pending names), run it in its runtime and compare
     with torch; FP32 must pass here, quantised variants are judged with their accuracy."""
-    final[0].parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final[0].parent)
     settings = fmt.write(student, variant, files, normalize_inside=normalize_inside,
                          calib=calib, fp32_files=fp32_files)
     if calib_source is not None and variant == "int8":
