@@ -231,6 +231,17 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
     for cmd, argv in rec_readers.items():
         if cmd != "centres":
             add(f"rec_label_huge-{cmd}", argv(huge, f"rec_label_huge-{cmd}"), "key 2: label")
+    empty = case_dir("rec_empty_image")
+    empty.mkdir()
+    with RecordWriter(empty / "train.rec") as writer:  # a record with a header and no image
+        for key, image in enumerate([good_jpeg, b"", good_jpeg]):
+            writer.write(key, pack_record(IRHeader(0, 0.0, key, 0), image))
+    add("rec_empty_image-export-calib", ["export", "onnx", str(w["model"]),
+                                         str(out / "calib-empty" / "m.onnx"), "--int8",
+                                         "--calib-data", str(empty), "--calib-count", "3"],
+        "record 1 is not a decodable image")
+    add("rec_empty_image-rec2shards", ["prep", "rec2shards", str(empty),
+                                       str(out / "empty-image")], "key 1")
     faces = _copy(w["faces"], case_dir("folder_corrupt_image"))
     (faces / "id1" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(300) + b"\xff\xd9")
     add("folder_corrupt_image-folder2shards-verify",
@@ -329,6 +340,10 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(payload)
         bin_damage[name] = path
+    add("bin_undecodable_image-export-calib",
+        ["export", "onnx", str(w["model"]), str(out / "calib-bin" / "m.onnx"), "--int8",
+         "--calib-data", str(case_dir("bin_undecodable_image") / "set.bin"),
+         "--calib-count", "80"], "image 5 cannot be decoded")
     add("bin_zero_byte_image-export-eval-bin",
         ["export", "onnx", str(w["model"]), str(out / "evalbin" / "m.onnx"), "--eval-bin",
          str(case_dir("bin_zero_byte_image") / "set.bin")], "image 0")
@@ -583,6 +598,7 @@ INPUT_CASES = [
                            "manifest_garbage")
       for c in ("info", "shards2rec")],
     "rec_label_huge-info", "rec_label_huge-rec2shards", "rec_label_huge-rec2folder",
+    "rec_empty_image-export-calib", "rec_empty_image-rec2shards",
     "rec_corrupt_body-rec2shards-verify", "folder_corrupt_image-folder2shards-verify",
     "idx_empty-export-calib",
     "json_absolute_shard-centres", "json_absolute_shard-cache", "manifest_label_huge-distill",
@@ -590,7 +606,7 @@ INPUT_CASES = [
     *[f"{d}-{c}" for d in ("bin_zero_byte_image", "bin_undecodable_image",
                            "bin_pickle_payload", "bin_truncated", "bin_wrong_structure")
       for c in ("bin-info", "verify", "compare")],
-    "bin_zero_byte_image-export-eval-bin",
+    "bin_zero_byte_image-export-eval-bin", "bin_undecodable_image-export-calib",
     "ijb_dotdot-ijb", "ijb_absolute-ijb", "ijb_symlink-ijb", "ijb_bad_line-ijb",
     "pairs_dotdot-make-bin", "pairs_absolute-make-bin", "pairs_malformed-make-bin",
     "landmarks_dotdot-align", "landmarks_out_escape-align",

@@ -179,18 +179,20 @@ def decode_bin_images(
     bins: Sequence[bytes],
     image_size: tuple[int, int] = IMAGE_SIZE,
     source: str = ".bin",
+    indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Decode to a uint8 ``N x 3 x H x W`` RGB stack, as insightface's ``load_bin`` does.
 
     Images of another size are resized (insightface does the same); an undecodable
-    image raises DataError naming its index.
+    image raises DataError naming its index in the file (``indices[i]`` when ``bins``
+    is a selection of it).
     """
     import cv2
 
     height, width = image_size
     out = np.empty((len(bins), 3, height, width), dtype=np.uint8)
     for index, blob in enumerate(bins):
-        img = decode_image(blob, source, index)
+        img = decode_image(blob, source, index if indices is None else indices[index])
         if img.shape[:2] != (height, width):
             img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
         out[index] = img[:, :, ::-1].transpose(2, 0, 1)

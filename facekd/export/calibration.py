@@ -46,7 +46,7 @@ def load_calibration_images(source: str | Path, count: int = 256, seed: int = 0)
 
         bins, _ = load_bin(path)
         pick = _spread(len(bins), count)
-        images = decode_bin_images([bins[i] for i in pick], source=str(path))
+        images = decode_bin_images([bins[i] for i in pick], source=str(path), indices=pick)
     elif path.suffix in (".rec", ".idx") or (path / "train.rec").is_file():
         images = _rec_images(path, count)
     elif path.is_dir():
@@ -77,7 +77,8 @@ def _rec_images(path: Path, count: int) -> np.ndarray:
     out = []
     for i in _spread(len(keys), count):
         _, payload = reader[keys[i]]
-        img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR) \
+            if len(payload) else None  # cv2 raises its own error on an empty buffer
         if img is None:
             raise DataError(f"{path}: record {keys[i]} is not a decodable image")
         if img.shape[:2] != (112, 112):
