@@ -16,7 +16,8 @@ e. an ONNX export (with its CPU parity gate), then the file run by onnxruntime's
 f. ``.bin`` verification and IJB evaluation with the embedder on the device vs CPU:
    identical numbers;
 g. JPEG batches decoded on the device (``data.decode: device``) vs the cv2 path: pixel
-   difference and images/s.
+   difference and images/s;
+h. ``run.compile``: the torch.compile'd student trains like the eager one, and how fast.
 
 ``--device cpu --quick`` runs the same code at small size in a couple of minutes (tests
 run it, so the script cannot rot). Every sub-check runs in its own try/except, so one
@@ -68,7 +69,7 @@ class Sizes:
 
 
 FULL = Sizes("mbf", 512, ("r50", "r100"), ("r50", "mbf"), 128, 1000, 5, 25, 1280, 64, 10, 20)
-QUICK = Sizes("mbf_tiny", 128, ("r_tiny",), ("r_tiny", "mbf_tiny"), 8, 50, 1, 2, 160, 16, 2, 4)
+QUICK = Sizes("mbf_tiny", 128, ("r_tiny",), ("r_tiny", "mbf_tiny"), 8, 50, 1, 2, 160, 16, 1, 3)
 
 
 class Context:
@@ -155,16 +156,11 @@ def no_tf32(torch: Any) -> Callable[[], None]:
 
 
 # ------------------------------------------------------------------ a. step rate
-def check_step_rate(ctx: Context) -> dict[str, Any]:
-    """P4 on the device: the trainer's own train_step on one fixed batch, per config."""
+def fixed_batch(ctx: Context) -> tuple[dict[str, Any], Callable[..., Any]]:
+    """One uint8 batch (pinned on CUDA, as the loader yields it) and a loader factory."""
     import torch
-    import torch.nn.functional as F
 
     from bench.p4_step_time import FixedBatchLoader
-    from facekd.models.teacher import Teacher
-    from facekd.train.cache import build_teacher_cache
-    from facekd.train.recipe import load_recipe
-    from facekd.train.trainer import Trainer
 
     s = ctx.sizes
     g = torch.Generator().manual_seed(0)
@@ -174,12 +170,39 @@ def check_step_rate(ctx: Context) -> dict[str, Any]:
              "key": torch.arange(s.batch, dtype=torch.long) + 1,
              "flipped": torch.rand(s.batch, generator=g) < 0.5}
     if ctx.cuda:
-        batch["image"] = batch["image"].pin_memory()  # what the loader yields on CUDA
+        batch["image"] = batch["image"].pin_memory()
     unflipped = dict(batch, flipped=torch.zeros(s.batch, dtype=torch.bool))
 
     def factory(source: str, bs: int, **kw: Any) -> FixedBatchLoader:
         return FixedBatchLoader(unflipped if not kw.get("flip", True) else batch, s.classes)
 
+    return batch, factory
+
+
+def _step_recipe(ctx: Context, out: Path, extra: list[str]) -> Any:
+    from facekd.train.recipe import load_recipe
+
+    s = ctx.sizes
+    return load_recipe(None, [
+        "data.train=bench", f"data.batch_size={s.batch}", "data.num_workers=0",
+        f"student.arch={s.student}", f"student.embedding_size={s.student_dim}",
+        f"run.device={ctx.device}", "run.progress=false", "run.tensorboard=false",
+        "optim.epochs=1000", "student.head.partial_fc=false", "run.save_every=0",
+        f"run.output={out}", *extra])
+
+
+def check_step_rate(ctx: Context) -> dict[str, Any]:
+    """P4 on the device: the trainer's own train_step on one fixed batch, per config."""
+    import torch
+    import torch.nn.functional as F
+
+    from facekd.models.teacher import Teacher
+    from facekd.train.cache import build_teacher_cache
+    from facekd.train.trainer import Trainer
+
+    s = ctx.sizes
+    g = torch.Generator().manual_seed(0)
+    batch, factory = fixed_batch(ctx)
     teachers = {}
     for arch in s.teachers:
         model = calibrated_model(arch)
@@ -190,10 +213,6 @@ def check_step_rate(ctx: Context) -> dict[str, Any]:
                         teacher=teachers[s.teachers[0]], progress=False,
                         loader_factory=factory, device=str(ctx.device))
     amps = ("fp16", "bf16") if ctx.cuda else ("none",)
-    base = ["data.train=bench", f"data.batch_size={s.batch}", "data.num_workers=0",
-            f"student.arch={s.student}", f"student.embedding_size={s.student_dim}",
-            f"run.device={ctx.device}", "run.progress=false", "run.tensorboard=false",
-            "optim.epochs=1000", "student.head.partial_fc=false", "run.save_every=0"]
     configs = [("alone", ["method.name=none"], None),
                ("srd + cache", ["method.name=srd", f"teacher.cache={cache}"], None)]
     configs += [(f"srd + live {a}", ["method.name=srd"], t) for a, t in teachers.items()]
@@ -205,8 +224,7 @@ def check_step_rate(ctx: Context) -> dict[str, Any]:
                 rows.append({"amp": amp, "config": name, "error": "time guard"})
                 continue
             out = ctx.work / f"rate_{amp}_{name.replace(' ', '_')}"
-            recipe = load_recipe(None, [*base, *extra, f"run.amp={amp}",
-                                        f"run.output={out}"])
+            recipe = _step_recipe(ctx, out, [*extra, f"run.amp={amp}"])
             trainer = Trainer(recipe, loader_factory=factory, teacher=live)
             try:
                 trainer.setup()
@@ -489,6 +507,53 @@ def check_jpeg_decode(ctx: Context) -> dict[str, Any]:
             "images_per_s": rate}
 
 
+# ------------------------------------------------------------------ h. torch.compile
+def check_compile(ctx: Context) -> dict[str, Any]:
+    """run.compile: the compiled student trains like the eager one (same losses within
+    1 %), and its steady step rate next to eager. CPU quick mode compiles with dynamo's
+    eager backend (graph capture only): inductor's C++ build takes minutes on a CPU."""
+    import functools
+
+    import torch
+
+    from facekd.train.trainer import Trainer
+
+    batch, factory = fixed_batch(ctx)
+    steps = 3 if ctx.cuda else 2
+    backend = "inductor" if ctx.cuda else "eager"
+    real_compile = torch.compile
+    out: dict[str, Any] = {}
+    for mode in ("eager", "compiled"):
+        recipe = _step_recipe(ctx, ctx.work / f"compile_{mode}",
+                              ["method.name=none", f"run.compile={mode == 'compiled'}"])
+        torch.compile = functools.partial(real_compile, backend=backend)  # type: ignore
+        trainer = Trainer(recipe, loader_factory=factory)
+        try:
+            trainer.setup()
+            start = time.perf_counter()
+            losses = [float(trainer.train_step(dict(batch), None)["loss"])
+                      for _ in range(steps)]
+            ctx.sync()
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(dict(batch), None)
+            ctx.sync()
+            rate = steps * ctx.sizes.batch / (time.perf_counter() - start)
+        finally:
+            torch.compile = real_compile  # type: ignore
+            trainer.close()
+        out[mode] = {"losses": losses, "first_steps_s": first, "images_per_s": rate}
+    rel = max(abs(a - b) / max(abs(a), 1e-6) for a, b in
+              zip(out["eager"]["losses"], out["compiled"]["losses"], strict=True))
+    ok = rel <= 0.01 and all(math.isfinite(x) for x in out["compiled"]["losses"])
+    return {"ok": ok, **out, "backend": backend,
+            "summary": f"backend {backend}: losses within {rel:.2e} of eager; "
+                       f"{out['compiled']['images_per_s']:,.0f} vs eager "
+                       f"{out['eager']['images_per_s']:,.0f} images/s; first {steps} steps "
+                       f"{out['compiled']['first_steps_s']:.0f} s (compiling)"}
+
+
 CHECKS: list[tuple[str, str, Callable[[Context], dict[str, Any]], float]] = [
     # (key, what, function, seconds it needs at least to be worth starting)
     ("d", "embeddings device vs CPU", check_embeddings, 20),
@@ -498,6 +563,7 @@ CHECKS: list[tuple[str, str, Callable[[Context], dict[str, Any]], float]] = [
     ("a", "step rate: alone / srd+cache / srd+live (AMP)", check_step_rate, 60),
     ("b", "SIGKILL after a checkpoint + resume", check_kill_resume, 60),
     ("c", "torchrun: teacher cache + distill", check_torchrun, 60),
+    ("h", "run.compile: torch.compile of the student", check_compile, 90),
 ]
 
 
@@ -573,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="total time guard; checks that no longer fit are skipped")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the report")
-    parser.add_argument("--only", default="", help="comma-separated check letters (a-g)")
+    parser.add_argument("--only", default="", help="comma-separated check letters (a-h)")
     parser.add_argument("--nccl-smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.nccl_smoke:

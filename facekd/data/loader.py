@@ -325,8 +325,9 @@ class _BatchNames:
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         loader = self.loader
-        for j in range(loader._pass_start, len(loader)):
-            yield (loader.seed, loader.epoch, j)
+        seed, epoch, start = loader.seed, loader.epoch, loader._pass_start  # fixed per pass
+        for j in range(start, len(loader)):
+            yield (seed, epoch, j)
 
     def __len__(self) -> int:
         return max(0, len(self.loader) - self.loader._pass_start)
