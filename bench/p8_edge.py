@@ -12,7 +12,9 @@ reported, and the load average before and after. With ``--eval-bin`` (meaningful
 trained checkpoint) each file's verification accuracy is measured in its runtime.
 
 Goals (issue 18): each runtime's INT8 within 1 point of its FP32 accuracy and <= 0.5x
-its FP32 latency; and which runtime is fastest for these models here.
+its FP32 latency; and which runtime is fastest for these models here. One more row,
+``litert/int8_prelu_op``, is LiteRT's INT8 of the plain graph (PRELU ops, not run by
+XNNPACK in INT8), to show what the shipped file's PReLU-as-depthwise-convs changes.
 
 Run: ``.venv/bin/python -m bench.p8_edge`` (writes bench/results/p8_edge.{md,json}).
 """
@@ -34,6 +36,7 @@ from bench.p6_latency import _calibration_bin, _ort_runner, _student, _time_inte
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNTIMES = ("onnxruntime", "ncnn", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")
+PRELU_OP = "litert/int8_prelu_op"  # the INT8 graph with PRELU ops, for comparison only
 
 
 def _export_all(ckpt: Path, workdir: Path, calib: Path, calib_count: int,
@@ -64,6 +67,43 @@ def _export_all(ckpt: Path, workdir: Path, calib: Path, calib_count: int,
     return files, cards, seconds
 
 
+def _litert_int8_prelu_op(ckpt: Path, workdir: Path, calib: Path, count: int,
+                          eval_bin: str | None) -> dict:
+    """The LiteRT INT8 file quantised from the plain graph (PRELU ops, which XNNPACK does
+    not run in INT8), to show what writing PReLU as 1x1 depthwise convs changes."""
+    import onnx
+
+    from facekd.export.calibration import load_calibration_images
+    from facekd.export.onnx_export import load_student, trace_to_onnx
+    from facekd.export.parity import (
+        synthetic_aligned_faces,
+        to_model_input,
+        torch_embeddings,
+    )
+    from facekd.export.tflite_export import TfliteEmbedder, quantize_int8
+    from facekd.export.tflite_lower import onnx_to_tflite
+    from facekd.export.variants import accuracy_of
+
+    student = load_student(ckpt)
+    trace = workdir / "plain.onnx"
+    trace_to_onnx(student.model, trace)
+    path = workdir / "student.int8_prelu_op.tflite"
+    path.write_bytes(quantize_int8(onnx_to_tflite(onnx.load(str(trace))),
+                                   load_calibration_images(calib, count),
+                                   normalize_inside=False))
+    x = to_model_input(synthetic_aligned_faces(16, seed=0))
+    ref = torch_embeddings(student.model, x)
+    got = TfliteEmbedder(path, normalize_inside=False)(x)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    accuracy = None
+    if eval_bin:
+        from facekd.evaluate import evaluate_bin
+
+        accuracy = accuracy_of(evaluate_bin(TfliteEmbedder(path, normalize_inside=False),
+                                            eval_bin, use_cache=False, progress=False))
+    return {"path": path, "one_minus_cos": float((1 - cos).max()), "accuracy": accuracy}
+
+
 def _runner(runtime: str, precision: str, paths: list[Path], threads: int):
     """A batch-1 callable for one file in its own runtime package."""
     if runtime == "onnxruntime":
@@ -81,11 +121,13 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
     ckpt = _student(arch, args.checkpoint, workdir)
     calib = Path(args.calib_data) if args.calib_data else _calibration_bin(workdir, args.calib)
     files, cards, export_s = _export_all(ckpt, workdir, calib, args.calib, args.eval_bin)
+    prelu_op = _litert_int8_prelu_op(ckpt, workdir, calib, args.calib, args.eval_bin)
     x = _input(args)
     timings: dict[str, dict] = {}
     for threads in args.threads:
         runners = {f"{r}/{p}": _runner(r, p, files[r, p], threads)
                    for r in RUNTIMES for p in PRECISIONS}
+        runners[PRELU_OP] = _runner("litert", "int8", [prelu_op["path"]], threads)
         timings[str(threads)] = _time_interleaved(runners, x, args.warmup, args.rounds)
     rows = {}
     for r in RUNTIMES:
@@ -99,6 +141,15 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
                 "accuracy": evaluation.get("accuracy"),
                 "drop_vs_fp32": evaluation.get("drop_vs_fp32"),
                 "latency": {t: timings[t][f"{r}/{p}"] for t in timings}}
+    base = rows["litert/fp32"]["accuracy"]
+    rows[PRELU_OP] = {
+        "runtime": "litert", "precision": "int8, PRELU ops (not shipped)",
+        "file": prelu_op["path"].name, "bytes": prelu_op["path"].stat().st_size,
+        "max_one_minus_cos_vs_torch": prelu_op["one_minus_cos"],
+        "accuracy": prelu_op["accuracy"],
+        "drop_vs_fp32": (None if base is None or prelu_op["accuracy"] is None
+                         else base - prelu_op["accuracy"]),
+        "latency": {t: timings[t][PRELU_OP] for t in timings}}
     goals = {}
     for r in RUNTIMES:
         fp32, int8 = rows[f"{r}/fp32"], rows[f"{r}/int8"]
@@ -116,7 +167,8 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
             best = min(RUNTIMES, key=lambda r, p=p, t=t: rows[f"{r}/{p}"]["latency"][t]
                        ["cpu_median_ms"])
             fastest[f"{p}, {t} thread(s)"] = best
-        best = min(rows, key=lambda k, t=t: rows[k]["latency"][t]["cpu_median_ms"])
+        best = min((k for k in rows if k != PRELU_OP),
+                   key=lambda k, t=t: rows[k]["latency"][t]["cpu_median_ms"])
         fastest[f"any, {t} thread(s)"] = best
     model = cards["onnxruntime"]["model"]
     return {"arch": model["arch"], "params": model["params"], "macs": model["macs"],

@@ -97,6 +97,14 @@ def _challenge(result: dict[str, Any] | None) -> str:
     return "pass" if result.get("passed") else "fail"
 
 
+def _insightface(variant: dict[str, Any]) -> str:
+    """How insightface loads the file (ONNX only; other formats show n/a)."""
+    if "insightface" not in variant:
+        return "n/a"
+    ins = variant["insightface"]
+    return ins.get("loaded_as", "–") if ins.get("checked") else "not checked"
+
+
 def _fmt(value: Any, spec: str = ".4f") -> str:
     if value is None:
         return "–"
@@ -156,13 +164,12 @@ def render_markdown(card: dict[str, Any]) -> str:
         verdict = v.get("verdict", {})
         status = ("accepted" if verdict.get("accepted") and not verdict.get("forced")
                   else "FORCED" if verdict.get("forced") else "REFUSED")
-        ins = v.get("insightface", {})
         lines.append(
             f"| {name} | {v.get('file')} | {_fmt((v.get('bytes') or 0) / 1e6, '.2f')} "
             f"| {_fmt(p.get('max_abs_diff'), '.2e')} | {_fmt(p.get('max_one_minus_cos'), '.2e')} "
             f"| {_fmt(e.get('accuracy'))} | {_fmt(e.get('drop_vs_fp32'))} "
             f"| {_challenge(v.get('challenge'))} "
-            f"| {ins.get('loaded_as', '–') if ins.get('checked') else 'not checked'} "
+            f"| {_insightface(v)} "
             f"| {status}{': ' + verdict['reason'] if verdict.get('reason') else ''} |")
     lines += ["", "## Versions", ""]
     lines += [f"- {k} {v}" for k, v in card["versions"].items()]

@@ -44,7 +44,7 @@ def pnnx_convert(model: Any, out_param: Path, out_bin: Path, *, fp16: bool,
     import pnnx
     import torch
 
-    module = _WithInputScaling(model) if normalize_inside else model
+    module = _with_input_scaling(model) if normalize_inside else model
     module.eval()
     sample = torch.zeros(1, 3, 112, 112)
     with tempfile.TemporaryDirectory(prefix="facekd-pnnx-") as work:
@@ -65,21 +65,19 @@ def pnnx_convert(model: Any, out_param: Path, out_bin: Path, *, fp16: bool,
                           f"{tail[-1] if tail else f'exit {done.returncode}'}")
 
 
-class _WithInputScaling:
-    """Builds ``(x - 127.5) / 127.5`` + backbone as one torch module (raw 0..255 input)."""
+def _with_input_scaling(model: Any) -> Any:
+    """``(x - 127.5) / 127.5`` + backbone as one torch module (raw 0..255 input)."""
+    import torch
 
-    def __new__(cls, model: Any) -> Any:
-        import torch
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
 
-        class Scaled(torch.nn.Module):
-            def __init__(self, inner: Any) -> None:
-                super().__init__()
-                self.inner = inner
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner((x - 127.5) * (1.0 / 127.5))
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.inner((x - 127.5) * (1.0 / 127.5))
-
-        return Scaled(model)
+    return Scaled(model)
 
 
 # ----------------------------------------------------------------------------- running
@@ -118,10 +116,14 @@ class NcnnEmbedder:
 
     def __init__(self, param: Path, weights: Path, *, normalize_inside: bool,
                  options: NcnnOptions) -> None:
+        import hashlib
+
         from facekd.fileio import sha256_file
 
         self.name = Path(param).name
-        self.sha256 = sha256_file(param)[:32] + sha256_file(weights)[:32]
+        # One identity for the pair (the evaluation records it as the model's hash).
+        self.sha256 = hashlib.sha256(
+            f"{sha256_file(param)}:{sha256_file(weights)}".encode()).hexdigest()
         self.normalize_inside = normalize_inside
         self.options = options
         self.net = load_net(param, weights, options)

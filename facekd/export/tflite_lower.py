@@ -49,8 +49,9 @@ class _Graph:
         self.opcodes: dict[int, int] = {}
         self.uses: dict[int, int] = {}
 
-    def _tensor(self, name: str, shape: list[int], dtype: int,
-                signature: list[int] | None = None) -> int:
+    def tensor(self, name: str, shape: list[int], dtype: int,
+               signature: list[int] | None = None) -> int:
+        """A new tensor (no data); returns its index."""
         t = self.s.TensorT()
         t.name = name
         t.shape = list(shape)
@@ -63,23 +64,23 @@ class _Graph:
     def act(self, name: str, nchw: tuple[int, ...]) -> int:
         """A float32 activation tensor, NHWC for 4-D, batch 1 with a dynamic signature."""
         shape = [1, nchw[1], nchw[2], nchw[0]] if len(nchw) == 3 else [1, *nchw]
-        return self._tensor(name, shape, self.s.TensorType.FLOAT32, [-1, *shape[1:]])
+        return self.tensor(name, shape, self.s.TensorType.FLOAT32, [-1, *shape[1:]])
 
     def const(self, name: str, value: np.ndarray) -> int:
         """A constant; float ones go FP16 + DEQUANTIZE when the graph is FP16."""
         value = np.ascontiguousarray(value)
         if value.dtype == np.int32:
-            index = self._tensor(name, list(value.shape), self.s.TensorType.INT32)
+            index = self.tensor(name, list(value.shape), self.s.TensorType.INT32)
             self.consts[index] = value
             return index
         value = value.astype(np.float32)
         if not self.fp16:
-            index = self._tensor(name, list(value.shape), self.s.TensorType.FLOAT32)
+            index = self.tensor(name, list(value.shape), self.s.TensorType.FLOAT32)
             self.consts[index] = value
             return index
-        half = self._tensor(f"{name}_fp16", list(value.shape), self.s.TensorType.FLOAT16)
+        half = self.tensor(f"{name}_fp16", list(value.shape), self.s.TensorType.FLOAT16)
         self.consts[half] = value
-        index = self._tensor(name, list(value.shape), self.s.TensorType.FLOAT32)
+        index = self.tensor(name, list(value.shape), self.s.TensorType.FLOAT32)
         self.op(self.s.BuiltinOperator.DEQUANTIZE, [half], [index])
         return index
 
@@ -448,7 +449,7 @@ class _Lowering:
         if len(x.shape) == 3 and x.shape[1] * x.shape[2] > 1:
             # NHWC -> NCHW first so the flattened order is torch's (C, H, W).
             perm = self.g.const(f"{node.name}_perm", np.array([0, 3, 1, 2], np.int32))
-            moved = self.g._tensor(f"{node.name}_nchw", [1, *x.shape], s.TensorType.FLOAT32,
+            moved = self.g.tensor(f"{node.name}_nchw", [1, *x.shape], s.TensorType.FLOAT32,
                                    [-1, *x.shape])
             self.g.op(s.BuiltinOperator.TRANSPOSE, [src, perm], [moved],
                       s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT())
