@@ -421,6 +421,10 @@ def _cases(w: dict[str, Path], base: Path) -> list[dict[str, Any]]:
             path.name)
         add(f"{name}-export", ["export", "onnx", str(path), str(out / name / "m.onnx"),
                                "--arch", "mbf_tiny"], path.name)
+    for fmt, suffix in (("ncnn", "param"), ("tflite", "tflite")):
+        add(f"ckpt_legacy_pickle-{fmt}", ["export", fmt, str(ckpts["ckpt_legacy_pickle"]),
+                                          str(out / f"{fmt}-legacy" / f"m.{suffix}"),
+                                          "--arch", "mbf_tiny"], "legacy.pt")
     add("ckpt_legacy_pickle-centres", ["teacher", "centres", str(ckpts["ckpt_legacy_pickle"]),
                                        str(w["shards"]), str(out / "cl" / "c.npy"),
                                        "--arch", "mbf_tiny", "--device", "cpu"], "legacy.pt")
@@ -507,6 +511,9 @@ def _writer_cases(w: dict[str, Path], target: Path) -> list[dict[str, Any]]:
                          "--no-cache", "--device", "cpu", "--no-progress", "--out",
                          f"{t}/compare"], "compare"),
         ("export-onnx", ["export", "onnx", str(w["model"]), f"{t}/export/m.onnx"], "export"),
+        ("export-ncnn", ["export", "ncnn", str(w["model"]), f"{t}/ncnn/m.param"], "ncnn"),
+        ("export-tflite", ["export", "tflite", str(w["model"]), f"{t}/tflite/m.tflite"],
+         "tflite"),
         ("centres", ["teacher", "centres", str(w["model"]), str(w["shards"]),
                      f"{t}/centres/c.npy", "--device", "cpu"], "centres"),
         ("cache", ["teacher", "cache", str(w["model"]), str(w["shards"]), f"{t}/tcache",
@@ -612,7 +619,7 @@ INPUT_CASES = [
     "landmarks_dotdot-align", "landmarks_out_escape-align",
     *[f"{d}-{c}" for d in ("ckpt_legacy_pickle", "ckpt_zip_payload", "ckpt_garbage",
                            "ckpt_wrong_shapes") for c in ("verify", "export")],
-    "ckpt_legacy_pickle-centres",
+    "ckpt_legacy_pickle-centres", "ckpt_legacy_pickle-ncnn", "ckpt_legacy_pickle-tflite",
     *[f"recipe_{d}-distill" for d in ("yaml_tag", "unknown_key", "wrong_type", "binary")],
     *[f"npy_{d}-cache" for d in ("object", "shape", "garbage")],
     "onnx_garbage-verify", "onnx_external-verify",

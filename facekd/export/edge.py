@@ -11,6 +11,7 @@ each kept file gets a model card. The runtime-specific parts live in
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import math
@@ -22,7 +23,7 @@ import numpy as np
 
 from facekd.errors import FacekdError
 from facekd.export import parity as parity_mod
-from facekd.fileio import make_dirs, sha256_file
+from facekd.fileio import disk_full, make_dirs, output_error, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,13 @@ def _write_checked(fmt: EdgeFormat, student: Any, variant: str, files: list[Path
     """Write one variant to ``files`` (pending names), run it in its runtime and compare
     with torch; FP32 must pass here, quantised variants are judged with their accuracy."""
     make_dirs(final[0].parent)
-    settings = fmt.write(student, variant, files, normalize_inside=normalize_inside,
-                         calib=calib, fp32_files=fp32_files)
+    try:
+        settings = fmt.write(student, variant, files, normalize_inside=normalize_inside,
+                             calib=calib, fp32_files=fp32_files)
+    except OSError as exc:
+        raise output_error(final[0], exc) from exc
+    if disk_full(final[0].parent):  # converters that write in C do not report a short write
+        raise output_error(final[0], OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     if calib_source is not None and variant == "int8":
         settings["calibration_source"] = str(calib_source)
     try:
