@@ -59,7 +59,9 @@ def pixel_scores(images: np.ndarray) -> np.ndarray:
 def to_tensor(images: np.ndarray):
     import torch
 
-    return (torch.from_numpy(images).float() - 127.5) / 127.5
+    from facekd.data.pixels import normalise_pixels
+
+    return torch.from_numpy(normalise_pixels(images))
 
 
 def train_model(arch: str, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int,

@@ -125,11 +125,12 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path, capsys):
     assert "nope.pt" in capsys.readouterr().err
 
 
-def test_onnx_with_normalisation_inside_gets_raw_pixels(models, tmp_path):
+def test_onnx_metadata_decides_the_input_scaling(models, tmp_path):
     import numpy as np
     import onnx
 
-    from facekd.evaluate.pipeline import RawPixelInput, _load
+    from facekd.evaluate.pipeline import _load
+    from facekd.export.parity import onnx_session
 
     _, onnx_path = models
     proto = onnx.load(str(onnx_path))
@@ -137,8 +138,8 @@ def test_onnx_with_normalisation_inside_gets_raw_pixels(models, tmp_path):
     inside = tmp_path / "inside.onnx"
     onnx.save(proto, str(inside))
     wrapped = _load(inside, None, "cpu")
-    assert isinstance(wrapped, RawPixelInput)
-    assert not isinstance(_load(onnx_path, None, "cpu"), RawPixelInput)
+    assert wrapped.raw_pixels and not _load(onnx_path, None, "cpu").raw_pixels
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
-    np.testing.assert_array_equal(wrapped(x), wrapped.inner(x * np.float32(127.5)
-                                                             + np.float32(127.5)))
+    session = onnx_session(inside)  # the file itself, fed raw pixels once
+    expected = session.run(None, {"data": x * np.float32(127.5) + np.float32(127.5)})[0]
+    np.testing.assert_array_equal(wrapped(x), expected)

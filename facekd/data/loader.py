@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from facekd.data.decode import decode_batch, decode_into
+from facekd.data.pixels import NORMALISE_LUT, PIXEL_MEAN, PIXEL_SCALE
 from facekd.errors import DataError
 
 IMAGE_SIZE = 112
@@ -360,8 +361,7 @@ class BufferPool:
         return array
 
 
-_NORMALISE_LUT = ((np.arange(256, dtype=np.float32) - np.float32(127.5))
-                  / np.float32(127.5)).reshape(1, 256)
+_NORMALISE_LUT = NORMALISE_LUT  # facekd.data.pixels: the one rule
 
 
 def normalise_batch(images: Any, device: Any = None, pool: BufferPool | None = None) -> Any:
@@ -399,7 +399,7 @@ def normalise_batch(images: Any, device: Any = None, pool: BufferPool | None = N
 
 def _normalise_arithmetic(images: Any) -> Any:
     """The device path of :func:`normalise_batch` (torch ops; exact same floats as the LUT)."""
-    return images.float().sub_(127.5).div_(127.5)
+    return images.float().sub_(float(PIXEL_MEAN)).div_(float(PIXEL_SCALE))
 
 
 class TrainLoader:

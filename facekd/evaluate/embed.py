@@ -26,11 +26,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from facekd.data.pixels import DESCRIPTION, normalise_pixels
 from facekd.fileio import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-PREPROCESS = "rgb, (x/255-0.5)/0.5 float32"
+PREPROCESS = DESCRIPTION  # part of the feature-cache key
 PART_ROWS = 4096
 MODEL_BATCH = 32
 
@@ -63,41 +64,23 @@ class ArrayImageSource:
         return self.images[start:stop]
 
 
-class TorchModuleEmbedder:
-    """Adapter so a bare ``nn.Module`` can be evaluated (no file, so no cache)."""
-
-    def __init__(self, module: Any, name: str = ""):
-        import torch
-
-        self.module = module.eval()
-        self.name = name or type(module).__name__
-        self.sha256 = ""
-        self._torch = torch
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        device = next(self.module.parameters()).device
-        with self._torch.no_grad():
-            x = self._torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-            return self.module(x).float().cpu().numpy()
-
-
 def as_embedder(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """Accept an Embedder, an ``nn.Module`` or any callable batch -> embeddings."""
+    """Accept a model file/run folder, an ``nn.Module`` or any callable batch -> embeddings
+    (:func:`facekd.models.embedder.as_embedder`; a callable is used as is)."""
     torch = sys.modules.get("torch")  # an nn.Module implies torch is loaded; never import it
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return TorchModuleEmbedder(model)
+    if isinstance(model, (str, os.PathLike)) or (
+            torch is not None and isinstance(model, torch.nn.Module)):
+        from facekd.models.embedder import as_embedder as to_embedder
+
+        return to_embedder(model)
     if not callable(model):
         raise TypeError(f"{type(model).__name__} is not an embedder")
     return model
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32 in [-1, 1] with the reference's op order ``(x/255 - 0.5)/0.5``."""
-    x = images.astype(np.float32)
-    x /= np.float32(255.0)
-    x -= np.float32(0.5)
-    x /= np.float32(0.5)
-    return x
+    """uint8 RGB -> float32 in [-1, 1] (:func:`facekd.data.pixels.normalise_pixels`)."""
+    return normalise_pixels(images)
 
 
 def embed_fixed_batches(embedder: Callable, images: np.ndarray, batch_size: int) -> np.ndarray:

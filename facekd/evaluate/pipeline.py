@@ -1,7 +1,7 @@
 """End-to-end evaluation: model file + dataset -> numbers + report, one call per CLI command.
 
-Every model goes through ``facekd.models.embedder.load_embedder`` (facekd checkpoint,
-arcface_torch state dict or ONNX), every dataset through a fingerprinted image source,
+Every model goes through ``facekd.models.embedder.load_embedder`` (facekd checkpoint or run
+folder, arcface_torch state dict or ONNX), every dataset through a fingerprinted image source,
 so torch and ONNX models share one path and cached features are found again.
 """
 
@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from facekd.errors import DataError
-from facekd.evaluate.embed import MODEL_BATCH, PREPROCESS, extract_features, split_flip
+from facekd.evaluate.embed import (
+    MODEL_BATCH,
+    PREPROCESS,
+    as_embedder,
+    extract_features,
+    split_flip,
+)
 from facekd.evaluate.ijb import IJBProtocol, config_name, read_protocol, score_ijb
 from facekd.evaluate.stats import (
     BOOTSTRAP_SAMPLES,
@@ -152,7 +158,10 @@ def evaluate_bin(embedder: Any, bin_path: str | Path, batch_size: int = 256, *,
                  use_cache: bool = True, progress: bool = True,
                  bootstrap: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
     """Embed a ``.bin`` set (image + flip) and score it with :func:`verify_pairs`; with
-    ``bootstrap`` resamples, intervals under ``"bootstrap"`` (replicates: ``"replicates"``)."""
+    ``bootstrap`` resamples, intervals under ``"bootstrap"`` (replicates: ``"replicates"``).
+
+    ``embedder``: any model form (:func:`facekd.evaluate.embed.as_embedder`)."""
+    embedder = as_embedder(embedder)
     source = BinImageSource(bin_path)
     feats = extract_features(embedder, source, batch_size=batch_size, flip=flip,
                              cache_dir=cache_dir, use_cache=use_cache, progress=progress,
@@ -182,6 +191,7 @@ def evaluate_ijb(embedder: Any, ijb_dir: str | Path, dataset: str = "IJBC", *,
     and bootstrap intervals of TAR at every supported FAR."""
     from facekd.evaluate.identification import identify, read_one_to_n
 
+    embedder = as_embedder(embedder)
     protocol = read_protocol(ijb_dir, dataset)
     lists = read_one_to_n(ijb_dir, dataset)
     source = IJBImageSource(protocol, workers=workers)
@@ -209,36 +219,10 @@ def evaluate_ijb(embedder: Any, ijb_dir: str | Path, dataset: str = "IJBC", *,
 # ------------------------------------------------------------------- CLI entry points
 
 
-class RawPixelInput:
-    """For ONNX files with the normalisation inside the graph (facekd export
-    ``--normalize-inside``): they expect 0..255 pixels, so the [-1, 1] batch is undone."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-        self.name = f"{getattr(inner, 'name', '')} (normalises inside)"
-        self.sha256 = getattr(inner, "sha256", "")
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.inner(np.asarray(batch, dtype=np.float32) * np.float32(127.5)
-                          + np.float32(127.5))
-
-
-def onnx_normalizes_inside(path: str | Path) -> bool:
-    """The ``facekd.input_normalization`` metadata of an ONNX file (weights not loaded)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(p.key == "facekd.input_normalization" and p.value == "inside"
-               for p in proto.metadata_props)
-
-
 def _load(model: str | Path, arch: str | None, device: str | None) -> Any:
     from facekd.models.embedder import load_embedder
 
-    embedder = load_embedder(model, arch=arch, device=device)
-    if Path(model).suffix.lower() == ".onnx" and onnx_normalizes_inside(model):
-        return RawPixelInput(embedder)
-    return embedder
+    return load_embedder(model, arch=arch, device=device)
 
 
 def _percent(fraction: float) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facekd.data.pixels import normalise_pixels
 from facekd.errors import DataError
 
 
@@ -56,8 +57,7 @@ def load_calibration_images(source: str | Path, count: int = 256, seed: int = 0)
                         f"a shards folder")
     if len(images) == 0:
         raise DataError(f"{path}: no images for calibration")
-    x = images.astype(np.float32)
-    return np.ascontiguousarray((x - 127.5) / 127.5)
+    return np.ascontiguousarray(normalise_pixels(images))
 
 
 def _spread(total: int, count: int) -> list[int]:

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from facekd.data.pixels import normalise_pixels
 from facekd.errors import FacekdError
 from facekd.export import parity as parity_mod
-from facekd.export.graph import proto_normalizes_inside
+from facekd.models.embedder import input_is_raw_pixels
 
 
 def check_challenge(path: str | Path, *, allow_fp16: bool = False,
@@ -46,8 +47,8 @@ def check_challenge(path: str | Path, *, allow_fp16: bool = False,
         session = parity_mod.onnx_session(path)
         rng = np.random.default_rng(32)
         batch = rng.uniform(0, 255, (32, 3, 112, 112)).astype(np.float32)
-        if not proto_normalizes_inside(model_proto):
-            batch = (batch - 127.5) / 127.5
+        if not input_is_raw_pixels(model_proto):
+            batch = normalise_pixels(batch)
         out = session.run(None, {session.get_inputs()[0].name: batch})[0]
     checks["batch32_output_shape"] = list(out.shape)
     checks["no_nan_batch32"] = bool(np.isfinite(out).all()) and out.shape[0] == 32

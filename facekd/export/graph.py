@@ -1,8 +1,9 @@
 """ONNX graph helpers shared by export, quantisation and every reader of facekd files.
 
 The input names, the in-graph ``(x - 127.5) / 127.5`` pair and the ``facekd.*``
-metadata live here so that ``onnx_export`` and the variant code (and ``facekd.models``'
-file embedder, through the metadata key) read them one way.
+metadata live here so that ``onnx_export`` and the variant code write them one way; the
+metadata key that says where the scaling lives is
+:data:`facekd.models.embedder.NORMALIZATION_KEY`, read by the one ONNX embedder.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from facekd.errors import FacekdError
+from facekd.models.embedder import NORMALIZATION_KEY
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
 NORM_SUB_NODE = "Sub_facekd_input_normalize"
 NORM_MUL_NODE = "Mul_facekd_input_normalize"
-NORMALIZATION_KEY = "facekd.input_normalization"  # "inside" | "outside"
 
 
 def add_input_normalization(model_proto: Any) -> None:
@@ -94,11 +95,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model_proto.metadata_props}
 
 
-def file_normalizes_inside(path: str | Path) -> bool:
-    """Whether an exported file expects raw [0, 255] pixels (normalisation in the graph)."""
-    return read_metadata(path).get(NORMALIZATION_KEY) == "inside"
-
-
 def base_metadata(student: Any, normalize_inside: bool, variant: str) -> dict:
     """The metadata every facekd ONNX file carries (``student``: an ``ExportedStudent``)."""
     from facekd import __version__
@@ -116,12 +112,6 @@ def base_metadata(student: Any, normalize_inside: bool, variant: str) -> dict:
         "facekd.checkpoint_sha256": student.source.checkpoint_sha256,
     }
 
-
-
-def proto_normalizes_inside(model_proto: Any) -> bool:
-    """Whether a loaded model's metadata says the graph scales raw pixels itself."""
-    return any(p.key == NORMALIZATION_KEY and p.value == "inside"
-               for p in model_proto.metadata_props)
 
 
 def variant_path(out: str | Path, variant: str) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from facekd.data.pixels import to_raw_pixels
 from facekd.errors import FacekdError
 from facekd.export.calibration import BatchReader
 from facekd.export.int8_rewrites import (
@@ -53,7 +54,7 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, *, normalize_inside: 
 
     if recipe not in INT8_RECIPES:
         raise FacekdError(f"unknown INT8 recipe '{recipe}' ({', '.join(INT8_RECIPES)})")
-    feed = calib * 127.5 + 127.5 if normalize_inside else calib
+    feed = to_raw_pixels(calib) if normalize_inside else calib
 
     class Reader(BatchReader, CalibrationDataReader):
         pass

@@ -34,8 +34,6 @@ from facekd.fileio import atomic_path, sha256_file
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-# Node names insightface's ArcFaceONNX looks for (prefix "Sub"/"Mul" in the first 8 nodes).
-RUN_FOLDER_CHECKPOINTS = ("student.pt", "checkpoint_last.pt", "last.pt")
 RECIPE_NAMES = ("recipe.yaml", "recipe.resolved.yaml", "resolved_recipe.yaml", "config.yaml")
 
 
@@ -76,16 +74,12 @@ class BackboneExport:
 
 def resolve_source(ckpt: str | Path) -> SourceInfo:
     """Find the checkpoint file (a run folder means its ``student.pt``) and its recipe."""
-    path = Path(ckpt)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    from facekd.models.checkpoint import resolve_model_file
+
+    path = resolve_model_file(ckpt)
     run_folder = None
-    if path.is_dir():
-        run_folder = path
-        found = [path / name for name in RUN_FOLDER_CHECKPOINTS if (path / name).is_file()]
-        if not found:
-            raise CheckpointError(f"{path}: run folder has no student.pt to export")
-        path = found[0]
+    if Path(ckpt).is_dir():
+        run_folder = Path(ckpt)
     elif path.parent.joinpath("student.pt").is_file() and any(
             (path.parent / name).is_file() for name in RECIPE_NAMES):
         run_folder = path.parent
@@ -128,6 +122,9 @@ def load_student(ckpt: str | Path, arch: str | None = None) -> ExportedStudent:
     from facekd.models.flops import count_macs, count_params
     from facekd.models.registry import embedding_size
 
+    if Path(ckpt).suffix.lower() == ".onnx":
+        raise CheckpointError(f"{ckpt}: already an ONNX file; export takes the torch "
+                              f"checkpoint, state dict or run folder it came from")
     source = resolve_source(ckpt)
     model, info = load_backbone(source.checkpoint, arch=arch)
     model = model.float().cpu().eval()

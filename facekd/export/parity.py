@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from facekd.data.pixels import normalise_pixels
 from facekd.errors import FacekdError
 
 # ArcFace 112x112 reference landmarks (x, y): eyes, nose tip, mouth corners.
@@ -128,8 +129,7 @@ def _faces_from_synth(n: int, seed: int) -> np.ndarray | None:
 
 def to_model_input(faces_rgb: np.ndarray) -> np.ndarray:
     """uint8 NHWC RGB -> float32 NCHW in [-1, 1], the facekd embedder convention."""
-    x = faces_rgb.astype(np.float32).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray((x - 127.5) / 127.5)
+    return np.ascontiguousarray(normalise_pixels(faces_rgb).transpose(0, 3, 1, 2))
 
 
 def compare_embeddings(reference: np.ndarray, candidate: np.ndarray, variant: str,
@@ -185,14 +185,22 @@ def onnx_session(path: str | Path):
 
 def onnx_embeddings(path: str | Path, x: np.ndarray, normalize_inside: bool,
                     batch_size: int = 32) -> np.ndarray:
-    """Run an exported file on a [-1, 1] batch, undoing the scaling if it is in the graph."""
-    session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    feed = x * 127.5 + 127.5 if normalize_inside else x
+    """Run an exported file on a [-1, 1] batch through facekd's one ONNX embedder.
+
+    The file is fed as every facekd command feeds it (its metadata, else insightface's
+    Sub/Mul rule), so a file whose scaling disagrees with ``normalize_inside`` (what the
+    export meant to write) fails here instead of scoring wrongly scaled pixels later.
+    """
+    from facekd.models.embedder import OnnxEmbedder
+
+    embedder = OnnxEmbedder(path, session=onnx_session(path))
+    if embedder.raw_pixels != normalize_inside:
+        where = "inside the graph" if embedder.raw_pixels else "outside the graph"
+        raise FacekdError(f"{path}: facekd would read its input normalisation as {where}, "
+                          f"but the export put it "
+                          f"{'inside' if normalize_inside else 'outside'}")
     try:
-        outs = [session.run(None, {name: np.ascontiguousarray(feed[i:i + batch_size],
-                                                              np.float32)})[0]
-                for i in range(0, len(feed), batch_size)]
+        outs = [embedder(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     except Exception as exc:  # onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FacekdError(f"{path}: onnxruntime cannot run the exported file: {first}") from exc

@@ -80,54 +80,19 @@ def accuracy_of(numbers: dict[str, Any]) -> float | None:
     return None
 
 
-class OnnxFileEmbedder:
-    """[-1, 1] NCHW float batch -> embeddings from an exported file (inside/outside scaling)."""
-
-    def __init__(self, path: str | Path, normalize_inside: bool) -> None:
-        self.path = Path(path)
-        self.name = self.path.name
-        self.sha256 = sha256_file(self.path)
-        self.normalize_inside = normalize_inside
-        self.session = parity_mod.onnx_session(self.path)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, batch: Any) -> np.ndarray:
-        x = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
-        x = x.astype(np.float32, copy=False)
-        if self.normalize_inside:
-            x = x * 127.5 + 127.5
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})[0]
-
-
-def _embedder_for(path: Path, normalize_inside: bool, probe: np.ndarray) -> Any:
-    """facekd's shared embedder for the file, if it reproduces the file's own output.
-
-    Evaluation and export should share ``load_embedder``; a loader that ignores the
-    in-graph normalisation would give wrong accuracies, so it is checked on ``probe``
-    and replaced by :class:`OnnxFileEmbedder` when it disagrees.
-    """
-    own = OnnxFileEmbedder(path, normalize_inside)
-    try:
-        from facekd.models.embedder import load_embedder
-
-        shared = load_embedder(str(path), device="cpu")
-        if np.allclose(np.asarray(shared(probe)), own(probe), rtol=1e-3, atol=1e-4):
-            return shared
-        log.warning("%s: load_embedder output differs from the file's own; using the "
-                    "export embedder", path)
-    except ImportError:
-        pass
-    return own
-
-
 def evaluate_variants(paths: dict[str, Path], bin_path: str | Path,
                       normalize_inside: bool) -> dict[str, dict[str, Any]]:
     """Verification numbers of each variant on one ``.bin`` set (image + flip)."""
-    probe = parity_mod.to_model_input(parity_mod.synthetic_aligned_faces(2, seed=5))
+    from facekd.evaluate import evaluate_bin
+    from facekd.models.embedder import load_embedder
+
     results: dict[str, dict[str, Any]] = {}
     for variant, path in paths.items():
-        embedder = _embedder_for(Path(path), normalize_inside, probe)
-        numbers = _evaluate_bin(embedder, bin_path)
+        embedder = load_embedder(path, device="cpu")  # the one path every command uses
+        if getattr(embedder, "raw_pixels", normalize_inside) != normalize_inside:
+            raise FacekdError(f"{path}: its metadata disagrees with --normalize-inside")
+        # No feature cache: export must not write into the user's evaluation cache.
+        numbers = evaluate_bin(embedder, str(bin_path), use_cache=False)
         numbers = {k: _plain(v) for k, v in dict(numbers).items()}
         accuracy = accuracy_of(numbers)
         results[variant] = {"bin": Path(bin_path).name, "accuracy": accuracy,
@@ -139,28 +104,6 @@ def evaluate_variants(paths: dict[str, Path], bin_path: str | Path,
         acc = numbers["accuracy"]
         numbers["drop_vs_fp32"] = (base - acc) if base is not None and acc is not None else None
     return results
-
-
-def _evaluate_bin(embedder: Any, bin_path: str | Path) -> dict[str, Any]:
-    """``facekd.evaluate.evaluate_bin`` when present, else the same steps via verify_pairs."""
-    try:
-        from facekd.evaluate import evaluate_bin  # type: ignore[attr-defined]
-    except ImportError:
-        evaluate_bin = None
-    if evaluate_bin is not None:
-        # No feature cache: it is keyed by file hash, and a loader that ignored the
-        # in-graph normalisation could have cached wrong features for this very file.
-        return dict(evaluate_bin(embedder, str(bin_path), use_cache=False))
-    from facekd.data.binset import decode_bin_images, load_bin
-    from facekd.evaluate.verification import verify_pairs
-
-    bins, issame = load_bin(bin_path)
-    images = decode_bin_images(bins, source=str(bin_path)).astype(np.float32)
-    x = (images - 127.5) / 127.5
-    emb = np.concatenate([embedder(x[i:i + 64]) for i in range(0, len(x), 64)])
-    flipped = np.ascontiguousarray(x[..., ::-1])
-    emb_flip = np.concatenate([embedder(flipped[i:i + 64]) for i in range(0, len(x), 64)])
-    return verify_pairs(emb, emb_flip, np.asarray(issame))
 
 
 def _plain(value: Any) -> Any:

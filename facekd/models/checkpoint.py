@@ -197,6 +197,24 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str,
     return model
 
 
+RUN_FOLDER_CHECKPOINTS = ("student.pt", "checkpoint_last.pt", "last.pt")  # in this order
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """A model argument as a file: a facekd run folder stands for its ``student.pt`` (or
+    its last checkpoint), so every command that takes a model takes a run folder too."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in RUN_FOLDER_CHECKPOINTS if (path / name).is_file()]
+        if not found:
+            names = " or ".join(RUN_FOLDER_CHECKPOINTS)
+            raise CheckpointError(f"{path}: run folder has no {names}")
+        return found[0]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file or run folder")
+    return path
+
+
 def load_backbone(path: str | os.PathLike, arch: str | None = None, device=None,
                   **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a backbone from a facekd checkpoint or a plain (arcface_torch) state dict.

@@ -1,7 +1,15 @@
-"""One embedding path for evaluation and export: torch checkpoints and ONNX files alike.
+"""The one embedding path: torch modules, facekd checkpoints, arcface_torch state dicts,
+run folders and ONNX files.
 
 An embedder is a callable from a float32 NCHW batch in [-1, 1] (numpy or tensor) to
-float32 numpy embeddings, so verification/IJB code never cares what runs underneath.
+float32 numpy embeddings, so training-time checks, evaluation, export and calibration
+never care what runs underneath. :func:`load_embedder` takes every model form a command
+accepts; :func:`as_embedder` also takes an ``nn.Module`` or any such callable.
+
+Input scaling has one rule, :func:`input_is_raw_pixels`: a facekd file's metadata says
+where ``(x - 127.5) / 127.5`` lives; a file from elsewhere follows insightface's
+ArcFaceONNX (``Sub`` and ``Mul`` among the first nodes mean the graph takes raw 0..255
+pixels). Either way the caller feeds [-1, 1] and the embedder converts, exactly once.
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from facekd.data.pixels import to_raw_pixels
 from facekd.devices import pick_device
 from facekd.errors import CheckpointError
+
+NORMALIZATION_KEY = "facekd.input_normalization"  # ONNX metadata: "inside" | "outside"
 
 
 def _as_numpy(batch: Any) -> np.ndarray:
@@ -28,7 +39,8 @@ def _as_numpy(batch: Any) -> np.ndarray:
 
 
 class Embedder:
-    """Base: ``name`` (for reports), ``sha256`` of the weights file, ``embedding_size``."""
+    """Base: ``name`` (for reports), ``sha256`` of the weights file (empty: never cached),
+    ``embedding_size``."""
 
     name: str = ""
     sha256: str = ""
@@ -39,38 +51,46 @@ class Embedder:
 
 
 class TorchEmbedder(Embedder):
-    """Wraps an ``nn.Module`` backbone; runs in eval mode without gradients."""
+    """An ``nn.Module`` backbone in eval mode, without gradients.
+
+    ``device`` None leaves the module where it is (a student in training is not moved);
+    a tensor batch stays on its device until the model's.
+    """
 
     def __init__(self, model: nn.Module, name: str = "", sha256: str = "",
                  device: str | torch.device | None = None):
-        self.device = pick_device(device)
-        self.model = model.to(self.device).eval()
+        if device is not None:
+            model = model.to(torch.device(device))
+        self.model = model.eval()
         self.name = name or type(model).__name__
         self.sha256 = sha256
         self.embedding_size = getattr(model, "num_features", None)
 
+    @property
+    def device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
     def __call__(self, batch: Any) -> np.ndarray:
-        x = torch.from_numpy(_as_numpy(batch)).to(self.device)
+        if isinstance(batch, torch.Tensor):
+            x = batch.float()
+        else:
+            x = torch.from_numpy(_as_numpy(batch))
         with torch.no_grad():
-            return self.model(x).float().cpu().numpy()
+            return self.model(x.to(self.device)).float().cpu().numpy()
 
 
 class OnnxEmbedder(Embedder):
-    """onnxruntime session; CUDA provider when available and not asked for CPU."""
+    """onnxruntime session; CUDA provider when available and not asked for CPU.
+
+    ``session`` may be given (export's parity gate uses its own single-thread CPU one).
+    """
 
     def __init__(self, path: str | os.PathLike, sha256: str = "",
-                 device: str | torch.device | None = None):
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if (pick_device(device).type == "cuda"
-                and "CUDAExecutionProvider" in ort.get_available_providers()):
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise CheckpointError(f"{path}: onnxruntime cannot load it: "
-                                  f"{str(exc).splitlines()[0]}") from exc
+                 device: str | torch.device | None = None, session: Any = None):
+        if session is None:
+            session = _onnx_session(path, device)
+        self.session = session
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise CheckpointError(f"{path}: expected one input, found {len(inputs)}")
@@ -78,35 +98,58 @@ class OnnxEmbedder(Embedder):
         self.input_dtype = np.float16 if "float16" in inputs[0].type else np.float32
         batch_dim = inputs[0].shape[0] if inputs[0].shape else None
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
-        self.raw_pixels = graph_normalises_input(path)
+        self.raw_pixels = input_is_raw_pixels(path)
         self.output_name = outputs[0].name
         dim = outputs[0].shape[-1] if outputs[0].shape else None
         self.embedding_size = dim if isinstance(dim, int) else None
-        self.name = Path(path).stem
+        self.name = Path(path).stem + (" (normalises inside)" if self.raw_pixels else "")
         self.sha256 = sha256
 
     def __call__(self, batch: Any) -> np.ndarray:
         x = _as_numpy(batch)
         if self.raw_pixels:  # the graph subtracts/scales itself: feed 0..255 like insightface
-            x = x * 127.5 + 127.5
+            x = to_raw_pixels(x)
         x = x.astype(self.input_dtype, copy=False)
         step = self.fixed_batch or len(x)
-        outs = [self.session.run([self.output_name], {self.input_name: x[i:i + step]})[0]
+        outs = [self.session.run([self.output_name],
+                                 {self.input_name: np.ascontiguousarray(x[i:i + step])})[0]
                 for i in range(0, len(x), max(step, 1))]
         return np.concatenate([np.asarray(o, dtype=np.float32).reshape(len(o), -1)
                                for o in outs]) if outs else np.zeros((0, 0), np.float32)
 
 
-def graph_normalises_input(path: str | os.PathLike) -> bool:
-    """insightface's ArcFaceONNX rule: Sub and Mul among the first 8 nodes mean the graph
-    normalises raw 0..255 pixels itself (MXNet-converted models); else input is [-1, 1]."""
-    import onnx
+def _onnx_session(path: str | os.PathLike, device: str | torch.device | None) -> Any:
+    import onnxruntime as ort
 
+    providers = ["CPUExecutionProvider"]
+    if (pick_device(device).type == "cuda"
+            and "CUDAExecutionProvider" in ort.get_available_providers()):
+        providers.insert(0, "CUDAExecutionProvider")
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception:  # unreadable here but loadable by onnxruntime: assume the usual input
-        return False
-    names = [node.name for node in graph.node[:8]]
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise CheckpointError(f"{path}: onnxruntime cannot load it: "
+                              f"{str(exc).splitlines()[0]}") from exc
+
+
+def input_is_raw_pixels(model: str | os.PathLike | Any) -> bool:
+    """Whether an ONNX file (path or loaded ModelProto) takes raw 0..255 pixels.
+
+    The file's ``facekd.input_normalization`` metadata decides when present; otherwise
+    insightface's ArcFaceONNX rule: ``Sub`` and ``Mul`` among the first 8 node names mean
+    the graph normalises itself (MXNet-converted models), else the input is [-1, 1].
+    """
+    if isinstance(model, (str, os.PathLike)):
+        import onnx
+
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception:  # unreadable here but loadable by onnxruntime: the usual input
+            return False
+    for prop in model.metadata_props:
+        if prop.key == NORMALIZATION_KEY and prop.value in ("inside", "outside"):
+            return prop.value == "inside"
+    names = [node.name for node in model.graph.node[:8]]
     has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
     has_mul = any(n.startswith(("Mul", "_mul")) for n in names)
     return has_sub and has_mul
@@ -114,16 +157,28 @@ def graph_normalises_input(path: str | os.PathLike) -> bool:
 
 def load_embedder(path: str | os.PathLike, arch: str | None = None,
                   device: str | torch.device | None = None) -> Embedder:
-    """Embedder for a facekd checkpoint, an arcface_torch state dict (+ arch) or ``.onnx``."""
+    """Embedder for a facekd checkpoint or run folder, an arcface_torch state dict (+ arch)
+    or an ``.onnx`` file."""
     from facekd.fileio import sha256_file
-    from facekd.models.checkpoint import load_backbone
+    from facekd.models.checkpoint import load_backbone, resolve_model_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file")
+    path = resolve_model_file(path)
     digest = sha256_file(path)
     if path.suffix.lower() == ".onnx":
         return OnnxEmbedder(path, sha256=digest, device=device)
     model, info = load_backbone(path, arch=arch)
     return TorchEmbedder(model, name=f"{path.stem} ({info['arch']})", sha256=digest,
-                         device=device)
+                         device=pick_device(device))
+
+
+def as_embedder(model: Any, arch: str | None = None,
+                device: str | torch.device | None = None) -> Any:
+    """An embedder from any model form: a path (see :func:`load_embedder`), an
+    ``nn.Module``, or a callable batch -> embeddings (returned as is)."""
+    if isinstance(model, (str, os.PathLike)):
+        return load_embedder(model, arch=arch, device=device)
+    if isinstance(model, nn.Module):
+        return TorchEmbedder(model, device=device)
+    if not callable(model):
+        raise TypeError(f"{type(model).__name__} is not an embedder")
+    return model

@@ -226,3 +226,59 @@ class PartialFC(nn.Module):
         return (f"rank {self.rank}/{self.world_size}: classes [{self.class_start}, "
                 f"{self.class_start + self.num_local}) of {self.num_classes}, "
                 f"D={self.embedding_size}, sample_rate={self.sample_rate}")
+
+
+def init_shard_like_full(head: nn.Module, seed: int, chunk_rows: int = 65536) -> None:
+    """Fill this rank's Partial FC rows with the rows a 1-process run would draw.
+
+    The full N(0, 0.01) matrix is drawn chunk by chunk from one seeded generator and only
+    the local rows are kept, so any world size starts from the same classifier (in
+    bounded memory) and a DDP run can be compared with a single-process run.
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    start, stop = head.class_start, head.class_start + head.num_local
+    with torch.no_grad():
+        for first in range(0, stop, chunk_rows):
+            rows = min(chunk_rows, head.num_classes - first)
+            block = torch.normal(0.0, 0.01, (rows, head.embedding_size), generator=g)
+            lo, hi = max(first, start), min(first + rows, stop)
+            if lo < hi:
+                head.weight[lo - start:hi - start].copy_(block[lo - first:hi - first])
+
+
+class PartialFCView(nn.Module):
+    """What a method sees of a Partial FC head: margin-free logits over its rows.
+
+    Only a single-process Partial FC holds every class; sharded rows would give each rank
+    a different slice, so methods that read the student's head need a replicated head.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.pfc = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        self._check()
+        return self.pfc.weight
+
+    @property
+    def scale(self) -> float:
+        return self.pfc.scale
+
+    def _check(self) -> None:
+        if self.pfc.world_size > 1:
+            raise ConfigError("this method reads the student's head, which Partial FC shards "
+                              "across ranks; set student.head.partial_fc: false (a replicated "
+                              "head) for multi-process runs of it")
+
+    def centres(self) -> torch.Tensor:
+        self._check()
+        return self.pfc.centres()
+
+    def cos_logits(self, emb: torch.Tensor, class_idx: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        centres = self.centres()
+        if class_idx is not None:
+            centres = centres[class_idx]
+        return self.pfc.scale * F.linear(F.normalize(emb.float(), dim=1), centres)

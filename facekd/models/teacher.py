@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _SHARD_RE = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
 # Older arcface_torch (PartialFC v1) saved each rank's rows as a bare tensor.
 _OLD_SHARD_RE = re.compile(r"^rank_(\d+)_softmax_weight\.pt$")
-_BACKBONE_NAMES = ("model.pt", "backbone.pth", "backbone.pt")
+_BACKBONE_NAMES = ("model.pt", "backbone.pth", "backbone.pt", "student.pt")  # last: facekd
 
 
 # ----------------------------------------------------------------------------- classifier

@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facekd.errors import ConfigError
+from facekd.models.embedder import TorchEmbedder
 from facekd.train import checkpointing as ckpt
 from facekd.train.ddp import (
     DistInfo,
@@ -48,22 +48,6 @@ Evaluator = Callable[[Any, str, int], dict[str, Any]]
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-class StudentEmbedder:
-    """The student as an evaluation embedder (NCHW float in [-1, 1] -> numpy embeddings)."""
-
-    def __init__(self, model: nn.Module, device: torch.device, name: str = "student") -> None:
-        self.model = model
-        self.device = device
-        self.name = name
-        self.sha256 = ""          # empty: evaluation never caches a model that is training
-
-    def __call__(self, batch: Any) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(batch, dtype=np.float32)) \
-            if not isinstance(batch, torch.Tensor) else batch.float()
-        with torch.no_grad():
-            return self.model(x.to(self.device)).float().cpu().numpy()
 
 
 class MetricsLog:
@@ -139,62 +123,6 @@ class _Cycle:
                 self.loader.set_epoch(self.epoch)
         raise ConfigError("data.unlabelled: the unlabelled source yields no batch "
                           "(fewer samples than one batch?)")
-
-
-def _init_shard_like_full(head: nn.Module, seed: int, chunk_rows: int = 65536) -> None:
-    """Fill this rank's Partial FC rows with the rows a 1-process run would draw.
-
-    The full N(0, 0.01) matrix is drawn chunk by chunk from one seeded generator and only
-    the local rows are kept, so any world size starts from the same classifier (in
-    bounded memory) and a DDP run can be compared with a single-process run.
-    """
-    g = torch.Generator().manual_seed(seed * 7919 + 17)
-    start, stop = head.class_start, head.class_start + head.num_local
-    with torch.no_grad():
-        for first in range(0, stop, chunk_rows):
-            rows = min(chunk_rows, head.num_classes - first)
-            block = torch.normal(0.0, 0.01, (rows, head.embedding_size), generator=g)
-            lo, hi = max(first, start), min(first + rows, stop)
-            if lo < hi:
-                head.weight[lo - start:hi - start].copy_(block[lo - first:hi - first])
-
-
-class PartialFCView(nn.Module):
-    """What a method sees of a Partial FC head: margin-free logits over its rows.
-
-    Only a single-process Partial FC holds every class; sharded rows would give each rank
-    a different slice, so methods that read the student's head need a replicated head.
-    """
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.pfc = head
-
-    @property
-    def weight(self) -> torch.Tensor:
-        self._check()
-        return self.pfc.weight
-
-    @property
-    def scale(self) -> float:
-        return self.pfc.scale
-
-    def _check(self) -> None:
-        if self.pfc.world_size > 1:
-            raise ConfigError("this method reads the student's head, which Partial FC shards "
-                              "across ranks; set student.head.partial_fc: false (a replicated "
-                              "head) for multi-process runs of it")
-
-    def centres(self) -> torch.Tensor:
-        self._check()
-        return self.pfc.centres()
-
-    def cos_logits(self, emb: torch.Tensor, class_idx: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-        centres = self.centres()
-        if class_idx is not None:
-            centres = centres[class_idx]
-        return self.pfc.scale * F.linear(F.normalize(emb.float(), dim=1), centres)
 
 
 class Trainer:
@@ -443,14 +371,14 @@ class Trainer:
             raise ConfigError("student.head.sample_rate < 1 needs Partial FC; unset "
                               "student.head.partial_fc or set sample_rate: 1.0")
         if self.partial_fc:
-            from facekd.models.partial_fc import PartialFC
+            from facekd.models.partial_fc import PartialFC, PartialFCView, init_shard_like_full
 
             self.head = PartialFC(
                 r.student.embedding_size, self.num_classes, kind=h.type, scale=h.scale,
                 margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, sample_rate=h.sample_rate,
                 seed=r.run.seed, rank=self.dist.rank,
                 world_size=self.dist.world_size).to(self.device)
-            _init_shard_like_full(self.head, r.run.seed)
+            init_shard_like_full(self.head, r.run.seed)
             self.method_head: nn.Module = PartialFCView(self.head)
         else:
             from facekd.models.heads import create_head
@@ -744,7 +672,7 @@ class Trainer:
                 model = _unwrap(self.student_ddp)
                 model.eval()
                 try:
-                    embedder = StudentEmbedder(model, self.device)
+                    embedder = TorchEmbedder(model, name="student")  # sha256 "": no cache
                     for path in bins:
                         res = self.evaluator(embedder, path, self.recipe.run.eval_batch_size)
                         name = Path(path).stem

@@ -1,0 +1,36 @@
+"""The one input normalisation: uint8 RGB pixels -> float32 ``(x - 127.5) / 127.5``.
+
+Training, the teacher cache, evaluation, export parity and INT8 calibration all feed
+models through this rule (the batched torch form is
+:func:`facekd.data.loader.normalise_batch`, which builds its CPU lookup table from
+:data:`NORMALISE_LUT` and gives the same floats). ONNX files that scale inside the graph
+(insightface's MXNet conversions, ``facekd export onnx --normalize-inside``) take raw
+pixels back with :func:`to_raw_pixels`, which inverts the rule exactly for every uint8
+value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+PIXEL_MEAN = np.float32(127.5)
+PIXEL_SCALE = np.float32(127.5)
+NORMALISE_LUT = ((np.arange(256, dtype=np.float32) - PIXEL_MEAN) / PIXEL_SCALE).reshape(1, 256)
+DESCRIPTION = "rgb, (x - 127.5) / 127.5 float32"
+
+
+def normalise_pixels(images: Any) -> np.ndarray:
+    """uint8 (or uint8-valued float) pixels as float32 in [-1, 1]; a new array."""
+    x = np.asarray(images).astype(np.float32)
+    x -= PIXEL_MEAN
+    x /= PIXEL_SCALE
+    return x
+
+
+def to_raw_pixels(x: Any) -> np.ndarray:
+    """The inverse, ``x * 127.5 + 127.5`` in float32: for graphs that normalise inside."""
+    raw = np.asarray(x, dtype=np.float32) * PIXEL_SCALE
+    raw += PIXEL_MEAN
+    return raw
