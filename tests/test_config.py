@@ -91,3 +91,26 @@ def test_invalid_yaml_names_the_file(tmp_path):
 def test_validation_of_ranges(recipe_file):
     with pytest.raises(ConfigError, match="sample_rate must be in"):
         load_recipe(str(recipe_file), ["student.head.sample_rate=0"])
+
+
+def test_head_keys_the_type_ignores_are_rejected(recipe_file):
+    with pytest.raises(ConfigError, match=r"student\.head\.m2 = 0.3 is read only with "
+                       r"type: combined \(type is arcface"):
+        load_recipe(str(recipe_file), ["student.head.m2=0.3"])
+    with pytest.raises(ConfigError, match=r"student\.head\.margin = 0.4 is not read with "
+                       r"type: combined"):
+        load_recipe(str(recipe_file), ["student.head.type=combined", "student.head.margin=0.4"])
+    combined = load_recipe(str(recipe_file), ["student.head.type=combined",
+                                              "student.head.m2=0.3", "student.head.m3=0.2"])
+    assert (combined.student.head.m2, combined.student.head.m3) == (0.3, 0.2)
+    # a resolved recipe of an earlier version (neutral m1/m2/m3 written out) still loads
+    load_recipe(str(recipe_file), ["student.head.m1=1.0", "student.head.m2=0.0"])
+
+
+def test_cosface_gets_its_own_default_margin():
+    from facekd.models.heads import create_head, resolve_margins
+
+    assert resolve_margins("cosface") == (1.0, 0.0, 0.4)  # not ArcFace's 0.5
+    assert resolve_margins("arcface") == (1.0, 0.5, 0.0)
+    assert resolve_margins("cosface", 0.35) == (1.0, 0.0, 0.35)
+    assert create_head("cosface", 4, 3).m3 == 0.4

@@ -21,17 +21,22 @@ from torch import nn
 from facekd.errors import CheckpointError, ConfigError
 
 HEAD_KINDS = ("arcface", "cosface", "combined", "softmax")
+# The margin each kind gets when none is given (arcface_torch's configs: ArcFace m2 = 0.5,
+# CosFace m3 = 0.4), so a CosFace head never inherits ArcFace's angle.
+DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.4}
 
 
-def resolve_margins(kind: str, margin: float = 0.5, m1: float = 1.0, m2: float = 0.0,
-                    m3: float = 0.0) -> tuple[float, float, float]:
-    """(m1, m2, m3) for a head kind; ``margin`` is m2 for ArcFace and m3 for CosFace."""
-    if kind == "arcface":
-        return 1.0, float(margin), 0.0
-    if kind == "cosface":
-        return 1.0, 0.0, float(margin)
+def resolve_margins(kind: str, margin: float | None = None, m1: float | None = None,
+                    m2: float | None = None, m3: float | None = None
+                    ) -> tuple[float, float, float]:
+    """(m1, m2, m3) for a head kind; ``margin`` is m2 for ArcFace and m3 for CosFace
+    (None: :data:`DEFAULT_MARGIN`); m1/m2/m3 are read for ``combined`` only."""
+    if kind in DEFAULT_MARGIN:
+        value = DEFAULT_MARGIN[kind] if margin is None else float(margin)
+        return (1.0, value, 0.0) if kind == "arcface" else (1.0, 0.0, value)
     if kind == "combined":
-        return float(m1), float(m2), float(m3)
+        return (1.0 if m1 is None else float(m1), 0.0 if m2 is None else float(m2),
+                0.0 if m3 is None else float(m3))
     if kind == "softmax":
         return 1.0, 0.0, 0.0
     raise ConfigError(f"unknown head kind '{kind}'; known: {', '.join(HEAD_KINDS)}")
@@ -114,10 +119,10 @@ class MarginHead(nn.Module):
 
 
 def create_head(kind: str, embedding_size: int, num_classes: int, scale: float = 64.0,
-                margin: float = 0.5, m1: float = 1.0, m2: float = 0.0,
-                m3: float = 0.0) -> MarginHead:
-    """A margin head: ``arcface`` (m2 = margin), ``cosface`` (m3 = margin; 0.35-0.4 is the
-    usual value), ``combined`` (m1, m2, m3 as given), ``softmax`` (no margin)."""
+                margin: float | None = None, m1: float | None = None, m2: float | None = None,
+                m3: float | None = None) -> MarginHead:
+    """A margin head: ``arcface`` (m2 = margin, default 0.5), ``cosface`` (m3 = margin,
+    default 0.4), ``combined`` (m1, m2, m3 as given), ``softmax`` (no margin)."""
     m1, m2, m3 = resolve_margins(kind, margin, m1, m2, m3)
     return MarginHead(embedding_size, num_classes, scale, m1, m2, m3, kind=kind)
 

@@ -119,9 +119,9 @@ class PartialFC(nn.Module):
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, kind: str = "arcface",
-                 scale: float = 64.0, margin: float = 0.5, m1: float = 1.0, m2: float = 0.0,
-                 m3: float = 0.0, sample_rate: float = 1.0, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None):
+                 scale: float = 64.0, margin: float | None = None, m1: float | None = None,
+                 m2: float | None = None, m3: float | None = None, sample_rate: float = 1.0,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ConfigError(f"partial_fc.sample_rate must be in (0, 1], got {sample_rate}")

@@ -33,10 +33,10 @@ class DataConfig:
 class HeadConfig:
     type: Literal["arcface", "cosface", "combined", "softmax"] = "arcface"
     scale: float = 64.0
-    margin: float = 0.5                   # arcface m2 / cosface m3
-    m1: float = 1.0
-    m2: float = 0.0
-    m3: float = 0.0
+    margin: float | None = None           # arcface m2 (null: 0.5) / cosface m3 (null: 0.4)
+    m1: float | None = None               # type: combined only (null: 1.0, 0.0, 0.0)
+    m2: float | None = None
+    m3: float | None = None
     sample_rate: float = 1.0              # Partial FC share of negative classes kept
     partial_fc: bool | None = None        # null: on when sample_rate < 1 or world size > 1;
                                           # false: one replicated head (small class counts)
@@ -128,6 +128,7 @@ class Recipe:
             raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
                               f"data.images_per_identity ({self.data.images_per_identity}, "
                               f">= 1)")
+        _check_head_keys(self.student.head)
         if not 0.0 < self.student.head.sample_rate <= 1.0:
             raise ConfigError("student.head.sample_rate must be in (0, 1], "
                               f"got {self.student.head.sample_rate}")
@@ -158,6 +159,22 @@ class Recipe:
                               f"got {self.optim.clip_grad}")
         if self.teacher.unlabelled_cache and not self.data.unlabelled:
             raise ConfigError("teacher.unlabelled_cache is set but data.unlabelled is not")
+
+
+def _check_head_keys(head: HeadConfig) -> None:
+    """Refuse head keys the chosen type would ignore: a value there is a mistake that
+    would otherwise train a different head than the recipe reads."""
+    neutral = {"m1": 1.0, "m2": 0.0, "m3": 0.0}
+    if head.type != "combined":
+        for key, plain in neutral.items():
+            value = getattr(head, key)
+            if value is not None and value != plain:
+                raise ConfigError(f"student.head.{key} = {value} is read only with "
+                                  f"type: combined (type is {head.type}; use "
+                                  f"student.head.margin for {head.type})")
+    if head.type in ("combined", "softmax") and head.margin is not None:
+        raise ConfigError(f"student.head.margin = {head.margin} is not read with "
+                          f"type: {head.type} (combined takes m1/m2/m3)")
 
 
 def load_recipe(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
