@@ -46,3 +46,26 @@ def test_each_group_has_help(group):
     with pytest.raises(SystemExit) as exc:
         main([group, "--help"])
     assert exc.value.code == 0
+
+
+def test_one_spelling_per_option_with_the_old_ones_hidden(capsys):
+    from facekd.cli import build_parser
+
+    parser = build_parser()
+    for cmd in (["teacher", "cache", "t.pt", "data", "out"], ["teacher", "centres", "t.pt",
+                                                              "data", "out.npy"]):
+        new = parser.parse_args([*cmd, "--workers", "3", "--save-every", "7"])
+        assert (new.workers, new.save_every) == (3, 7)
+        old = parser.parse_args([*cmd, "--num-workers", "3"])
+        assert old.workers == 3 and old.save_every == 50
+    assert parser.parse_args(["teacher", "cache", "t", "d", "o", "--chunk-batches", "9"]
+                             ).save_every == 9
+    assert parser.parse_args(["eval", "ijb", "m.pt", "ijb", "--no-flip"]).no_flip_test
+    assert parser.parse_args(["eval", "ijb", "m.pt", "ijb", "--no-flip-test"]).no_flip_test
+    assert not parser.parse_args(["eval", "ijb", "m.pt", "ijb"]).no_flip_test
+    for cmd in (["teacher", "cache"], ["teacher", "centres"], ["eval", "ijb"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*cmd, "--help"])
+        text = capsys.readouterr().out
+        assert "--num-workers" not in text and "--chunk-batches" not in text
+        assert "--no-flip-test" not in text

@@ -97,8 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L2-normalise image features (reference use_norm_score=False)")
     p.add_argument("--no-detector-score", action="store_true",
                    help="ignore faceness scores (reference use_detector_score=False)")
-    p.add_argument("--no-flip-test", action="store_true",
+    p.add_argument("--no-flip", dest="no_flip_test", action="store_true",
                    help="original image only (reference use_flip_test=False)")
+    p.add_argument("--no-flip-test", dest="no_flip_test", action="store_true",
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--workers", type=int, default=4, help="image loading/alignment threads")
     p.add_argument("--out", help="folder for ijb.csv/.md/.json and the ROC PNG")
     _common(p)

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--arch", help="registry name when the checkpoint is a bare state dict")
     cp.add_argument("--batch-size", type=int, default=128)
     cp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
-    cp.add_argument("--num-workers", type=int, default=0)
+    cp.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    cp.add_argument("--num-workers", dest="workers", type=int, default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)  # old spelling
     cp.add_argument("--save-every", type=int, default=50,
                     help="batches between resume points (default 50)")
     cp.set_defaults(func=_centres)
@@ -44,6 +46,6 @@ def _centres(args: argparse.Namespace) -> int:
 
     teacher_centres(args.teacher, args.data, args.out, arch=args.arch,
                     batch_size=args.batch_size, device=args.device,
-                    num_workers=args.num_workers, save_every=args.save_every)
+                    num_workers=args.workers, save_every=args.save_every)
     return 0
 

@@ -34,9 +34,13 @@ def _register_teacher_cache(tsub: argparse._SubParsersAction) -> None:
     kp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     kp.add_argument("--batch-size", type=int, default=128)
     kp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
-    kp.add_argument("--num-workers", type=int, default=0)
-    kp.add_argument("--chunk-batches", type=int, default=50,
+    kp.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    kp.add_argument("--num-workers", dest="workers", type=int, default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)  # old spelling
+    kp.add_argument("--save-every", type=int, default=50,
                     help="batches between resume points (default 50)")
+    kp.add_argument("--chunk-batches", dest="save_every", type=int,
+                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
     kp.set_defaults(func=_cache)
 
 
@@ -45,17 +49,6 @@ def _cache(args: argparse.Namespace) -> int:
 
     build_teacher_cache(args.teacher, args.shards, args.out, arch=args.arch,
                         classifier=args.classifier, batch_size=args.batch_size,
-                        dtype=args.dtype, device=args.device, num_workers=args.num_workers,
-                        chunk_batches=args.chunk_batches)
+                        dtype=args.dtype, device=args.device, num_workers=args.workers,
+                        chunk_batches=args.save_every)
     return 0
-
-
-def _cache(args: argparse.Namespace) -> int:
-    from facekd.train.cache import build_teacher_cache
-
-    build_teacher_cache(args.teacher, args.shards, args.out, arch=args.arch,
-                        classifier=args.classifier, batch_size=args.batch_size,
-                        dtype=args.dtype, device=args.device, num_workers=args.num_workers,
-                        chunk_batches=args.chunk_batches)
-    return 0
-
