@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -174,76 +174,16 @@ def split_grouped_convs(model_proto: Any, max_per_group: int = 4) -> int:
     ``c - c % k + (c % k + s) % k`` at position c. Returns the number of grouped Convs
     replaced.
     """
-    from onnx import helper
-
     graph = model_proto.graph
     producer, consumers = _graph_index(graph)
     inits = _Initializers(graph, consumers)
     replaced = 0
     for grouped in [n for n in graph.node if n.op_type == "Conv"]:
-        groups = int(_node_attr(grouped, "group", 1))
-        kernel = inits.array(grouped.input[1])
-        if groups == 1 or kernel is None:
+        chain = _grouped_chain(grouped, producer, consumers, inits, max_per_group)
+        if chain is None:
             continue
-        per_group = kernel.shape[1]
-        channels = per_group * groups
-        if not 1 < per_group <= max_per_group or kernel.shape[0] != channels:
-            continue
-        prelu = producer.get(grouped.input[0])
-        if prelu is None or prelu.op_type != "PRelu" or len(consumers[prelu.output[0]]) != 1:
-            continue
-        source = producer.get(prelu.input[0])
-        if source is None or source.op_type != "Conv" or len(consumers[source.output[0]]) != 1:
-            continue
-        src_weight = inits.array(source.input[1])
-        slope = _channel_slopes(inits, prelu.input[1], channels)
-        if src_weight is None or slope is None or src_weight.shape[0] != channels:
-            continue
-        src_bias = inits.array(source.input[2]) if len(source.input) > 2 and source.input[2] \
-            else None
-        bias = inits.array(grouped.input[2]) if len(grouped.input) > 2 and grouped.input[2] \
-            else None
-        local = np.arange(channels) % per_group
-        orders = [np.arange(channels) - local + (local + shift) % per_group
-                  for shift in range(per_group)]
-        tag = grouped.name or grouped.output[0]
-        src_inputs = [source.input[0], inits.add(
-            f"{tag}_facekd_src_w", np.concatenate([src_weight[o] for o in orders]))]
-        if src_bias is not None:
-            src_inputs.append(inits.add(f"{tag}_facekd_src_b",
-                                        np.concatenate([src_bias[o] for o in orders])))
-        merged = f"{tag}_facekd_rotations"
-        parts = [f"{tag}_facekd_rot{shift}_pre" for shift in range(per_group)]
-        new_nodes = [
-            helper.make_node("Conv", src_inputs, [merged], name=f"{tag}_facekd_src",
-                             **{a.name: helper.get_attribute_value(a) for a in source.attribute}),
-            helper.make_node("Split", [merged, inits.add(
-                f"{tag}_facekd_split", np.full(per_group, channels, np.int64))], parts,
-                axis=1, name=f"{tag}_facekd_split")]
-        conv_attrs = {a.name: helper.get_attribute_value(a) for a in grouped.attribute
-                      if a.name not in ("group", "kernel_shape")}
-        partials = []
-        for shift, order in enumerate(orders):
-            rotated = f"{tag}_facekd_rot{shift}"
-            taps = kernel[np.arange(channels), (local + shift) % per_group][:, None]
-            dw_inputs = [rotated, inits.add(f"{tag}_facekd_dw_w{shift}",
-                                            np.ascontiguousarray(taps.astype(np.float32)))]
-            if shift == 0 and bias is not None:
-                dw_inputs.append(inits.add(f"{tag}_facekd_dw_b", bias.astype(np.float32)))
-            partials.append(f"{tag}_facekd_part{shift}")
-            new_nodes += [
-                helper.make_node("PRelu", [parts[shift], inits.add(
-                    f"{tag}_facekd_slope{shift}", slope[order].reshape(-1, 1, 1))],
-                    [rotated], name=f"{tag}_facekd_prelu{shift}"),
-                helper.make_node("Conv", dw_inputs, [partials[-1]], name=f"{tag}_facekd_dw{shift}",
-                                 group=channels, kernel_shape=list(kernel.shape[2:]),
-                                 **conv_attrs)]
-        total = partials[0]
-        for shift, partial in enumerate(partials[1:], start=1):
-            out = grouped.output[0] if shift == per_group - 1 else f"{tag}_facekd_sum{shift}"
-            new_nodes.append(helper.make_node("Add", [total, partial], [out],
-                                              name=f"{tag}_facekd_add{shift}"))
-            total = out
+        source, prelu = chain.source, chain.prelu
+        new_nodes = _rotated_source_nodes(chain, inits) + _depthwise_sum_nodes(chain, inits)
         position = list(graph.node).index(source)
         for node in (source, prelu, grouped):
             graph.node.remove(node)
@@ -251,6 +191,110 @@ def split_grouped_convs(model_proto: Any, max_per_group: int = 4) -> int:
             graph.node.insert(position + offset, node)
         replaced += 1
     return replaced
+
+
+class _GroupedChain(NamedTuple):
+    """A Conv -> PRelu -> grouped Conv chain that :func:`split_grouped_convs` rewrites."""
+
+    source: Any
+    prelu: Any
+    grouped: Any
+    kernel: np.ndarray
+    slope: np.ndarray
+    per_group: int
+    channels: int
+    tag: str
+
+    @property
+    def orders(self) -> list[np.ndarray]:
+        """Per rotation s, the source channel each output channel reads."""
+        local = np.arange(self.channels) % self.per_group
+        return [np.arange(self.channels) - local + (local + shift) % self.per_group
+                for shift in range(self.per_group)]
+
+
+def _grouped_chain(grouped: Any, producer: dict[str, Any], consumers: dict[str, list[Any]],
+                   inits: _Initializers, max_per_group: int) -> _GroupedChain | None:
+    """The chain ending in ``grouped`` when it can be rewritten exactly, else None."""
+    groups = int(_node_attr(grouped, "group", 1))
+    kernel = inits.array(grouped.input[1])
+    if groups == 1 or kernel is None:
+        return None
+    per_group = kernel.shape[1]
+    channels = per_group * groups
+    if not 1 < per_group <= max_per_group or kernel.shape[0] != channels:
+        return None
+    prelu = producer.get(grouped.input[0])
+    if prelu is None or prelu.op_type != "PRelu" or len(consumers[prelu.output[0]]) != 1:
+        return None
+    source = producer.get(prelu.input[0])
+    if source is None or source.op_type != "Conv" or len(consumers[source.output[0]]) != 1:
+        return None
+    src_weight = inits.array(source.input[1])
+    slope = _channel_slopes(inits, prelu.input[1], channels)
+    if src_weight is None or slope is None or src_weight.shape[0] != channels:
+        return None
+    return _GroupedChain(source, prelu, grouped, kernel, slope, per_group, channels,
+                         grouped.name or grouped.output[0])
+
+
+def _rotated_source_nodes(chain: _GroupedChain, inits: _Initializers) -> list[Any]:
+    """The source Conv computing all k rotations of its channels at once, then Split."""
+    from onnx import helper
+
+    source, tag = chain.source, chain.tag
+    src_weight = inits.array(source.input[1])
+    src_bias = inits.array(source.input[2]) if len(source.input) > 2 and source.input[2] \
+        else None
+    src_inputs = [source.input[0], inits.add(
+        f"{tag}_facekd_src_w", np.concatenate([src_weight[o] for o in chain.orders]))]
+    if src_bias is not None:
+        src_inputs.append(inits.add(f"{tag}_facekd_src_b",
+                                    np.concatenate([src_bias[o] for o in chain.orders])))
+    merged = f"{tag}_facekd_rotations"
+    parts = [f"{tag}_facekd_rot{shift}_pre" for shift in range(chain.per_group)]
+    return [
+        helper.make_node("Conv", src_inputs, [merged], name=f"{tag}_facekd_src",
+                         **{a.name: helper.get_attribute_value(a) for a in source.attribute}),
+        helper.make_node("Split", [merged, inits.add(
+            f"{tag}_facekd_split", np.full(chain.per_group, chain.channels, np.int64))], parts,
+            axis=1, name=f"{tag}_facekd_split")]
+
+
+def _depthwise_sum_nodes(chain: _GroupedChain, inits: _Initializers) -> list[Any]:
+    """Per rotation a PRelu and a depthwise Conv; the partial outputs summed into the
+    grouped Conv's output."""
+    from onnx import helper
+
+    grouped, kernel, tag, channels = chain.grouped, chain.kernel, chain.tag, chain.channels
+    bias = inits.array(grouped.input[2]) if len(grouped.input) > 2 and grouped.input[2] \
+        else None
+    local = np.arange(channels) % chain.per_group
+    conv_attrs = {a.name: helper.get_attribute_value(a) for a in grouped.attribute
+                  if a.name not in ("group", "kernel_shape")}
+    nodes, partials = [], []
+    for shift, order in enumerate(chain.orders):
+        rotated = f"{tag}_facekd_rot{shift}"
+        taps = kernel[np.arange(channels), (local + shift) % chain.per_group][:, None]
+        dw_inputs = [rotated, inits.add(f"{tag}_facekd_dw_w{shift}",
+                                        np.ascontiguousarray(taps.astype(np.float32)))]
+        if shift == 0 and bias is not None:
+            dw_inputs.append(inits.add(f"{tag}_facekd_dw_b", bias.astype(np.float32)))
+        partials.append(f"{tag}_facekd_part{shift}")
+        nodes += [
+            helper.make_node("PRelu", [f"{tag}_facekd_rot{shift}_pre", inits.add(
+                f"{tag}_facekd_slope{shift}", chain.slope[order].reshape(-1, 1, 1))],
+                [rotated], name=f"{tag}_facekd_prelu{shift}"),
+            helper.make_node("Conv", dw_inputs, [partials[-1]], name=f"{tag}_facekd_dw{shift}",
+                             group=channels, kernel_shape=list(kernel.shape[2:]),
+                             **conv_attrs)]
+    total = partials[0]
+    for shift, partial in enumerate(partials[1:], start=1):
+        out = grouped.output[0] if shift == chain.per_group - 1 else f"{tag}_facekd_sum{shift}"
+        nodes.append(helper.make_node("Add", [total, partial], [out],
+                                      name=f"{tag}_facekd_add{shift}"))
+        total = out
+    return nodes
 
 
 def pad_conv_input_channels(model_proto: Any, multiple: int = 4, below: int = 16) -> int:
