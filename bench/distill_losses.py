@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("rkd", "rkd", {}, labels),
         ("refilled stage 1 (semi-hard tuples, 4 img/id)", "refilled", {"stage": 1}, grouped),
         ("refilled stage 2 (local classifier)", "refilled", {"stage": 2}, labels),
+        ("adadistill (adaptive centres, ArcFace)", "adadistill", {}, labels),
+        ("ekd (rank loss, 4 img/id)", "ekd", {}, grouped),
         ("frskd (self-teacher 2x width per level, default)", "frskd", {}, labels),
         ("frskd (self-teacher 1x width per level)", "frskd", {"width_multiplier": 1},
          labels),

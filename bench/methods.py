@@ -101,6 +101,9 @@ SPECS: dict[str, MethodSpec] = {
     "ekd": MethodSpec("ekd_synth.yaml", ("ekd",), "temperature"),
 }
 METHODS = tuple(SPECS)
+# run by default: srd_unlabelled trains on extra (unlabelled) data, another regime than
+# the rest, and costs ~2x a student: `--methods ...,srd_unlabelled` adds it
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "srd_unlabelled")
 # the main question first (alone, SRD, its control, the state of the art), costly last
 RUN_ORDER = ("none", "srd", "feature_srd_weight", "adadistill", "ekd", "kd", "feature", "rkd",
              "refilled", "srd_unlabelled", "frskd")
@@ -134,14 +137,16 @@ class BenchSize:
 
 SIZES: dict[str, BenchSize] = {
     # Sized from `python -m bench.methods --estimate` (bench/results/methods_estimate.md)
-    # to fit 5 CPU-hours: 256 identities x 16 images, batch 64, students 3 epochs =
-    # 192 steps, the teacher 6 epochs; validation and test IJB-style protocols hold
-    # >= 10/FAR = 10,000 impostor pairs, so TAR@FAR=1e-3 is above their floor.
-    "full": BenchSize("default", identities=256, images_per_id=16, lfw_pairs=1200,
+    # to fit 5 CPU-hours: 176 identities x 16 images, batch 64, students 2 epochs = 88
+    # steps, the teacher 6 epochs (256 identities at 3 epochs projected 9.3 CPU-hours,
+    # at 2 epochs 6.6; FRSKD's self-teacher alone is ~40 % of it); validation and test
+    # IJB-style protocols hold >= 10/FAR = 10,000 impostor pairs, so TAR@FAR=1e-3 is
+    # above their floor.
+    "full": BenchSize("default", identities=176, images_per_id=16, lfw_pairs=1200,
                       cfp_pairs=600, agedb_pairs=600, ijb_identities=200, ijb_impostors=40000,
                       val_ijb_identities=100, val_ijb_impostors=20000,
                       unlabelled_identities=200, unlabelled_images_per_id=8, batch_size=64,
-                      unlabelled_batch_size=32, teacher_epochs=6, student_epochs=3),
+                      unlabelled_batch_size=32, teacher_epochs=6, student_epochs=2),
     # the test: seconds per stage, numbers meaningless
     "quick": BenchSize("tiny", identities=8, images_per_id=4, lfw_pairs=20, cfp_pairs=20,
                        agedb_pairs=20, ijb_identities=3, ijb_impostors=20,
@@ -1105,19 +1110,17 @@ def estimate(work: Path, results_dir: Path, methods: list[str], seeds: list[int]
     prepare_data(layout, size, False)
     timings: dict[str, Any] = {}
 
-    def timed(task: Task) -> float:
-        cpu = time.process_time()
-        execute(task, str(work), size, methods, False, 1)
-        return time.process_time() - cpu
 
     def per_step(recipe: str, overrides: list[str], folder: Path) -> float:
         cpu = {}
         for steps in (1, 4):
             out = folder / f"steps{steps}"
-            start = time.process_time()
             if not (out / "summary.json").exists():
+                start, wall = time.process_time(), time.perf_counter()
                 _train(recipe, [*overrides, f"run.output={out}", f"run.max_steps={steps}"])
-            cpu[steps] = (time.process_time() - start, _run_steps(out))
+                _write_cost(out, "train", time.process_time() - start,
+                            time.perf_counter() - wall)
+            cpu[steps] = (_train_cpu(out) or 0.0, _run_steps(out))
         (c1, n1), (c4, n4) = cpu[1], cpu[4]
         return max(c4 - c1, 0.0) / max(n4 - n1, 1)
 
@@ -1126,8 +1129,11 @@ def estimate(work: Path, results_dir: Path, methods: list[str], seeds: list[int]
     timings["teacher_step"] = per_step(
         TEACHER_RECIPE, [o for o in teacher_overrides if not o.startswith("run.output=")],
         work / "est" / "teacher")
-    timed(Task("teacher", "teacher"))
-    cache_cpu = timed(Task("cache", "cache", needs=("teacher",)))
+    # recorded costs, not timers, so a rerun (which reuses every run) reports the same
+    execute(Task("teacher", "teacher"), str(work), size, methods, False, 1)
+    execute(Task("cache", "cache", needs=("teacher",)), str(work), size, methods, False, 1)
+    cache_cpu = sum(((_read_json(f / "bench_cost.json") or {}).get("cache") or {})
+                    .get("cpu_seconds", 0.0) for f in (layout.cache, layout.cache_unlabelled))
     cache_images = 2 * (size.identities * size.images_per_id + size.unlabelled_identities *
                         size.unlabelled_images_per_id)
     timings["teacher_image"] = cache_cpu / cache_images
@@ -1142,9 +1148,8 @@ def estimate(work: Path, results_dir: Path, methods: list[str], seeds: list[int]
         timings[f"step/{method}"] = per_step(SPECS[method].recipe, overrides,
                                              work / "est" / method)
     probe = work / "est" / "none" / "steps4" / "student.pt"
-    cpu = time.process_time()
-    evaluate_model(probe, layout, False, 1, "test")
-    timings["student_image"] = (time.process_time() - cpu) / max(eval_images, 1)
+    scores = evaluate_model(probe, layout, False, 1, "test")
+    timings["student_image"] = scores["eval_cpu_seconds"] / max(eval_images, 1)
     # the projection
     steps = full.student_epochs * (full.identities * full.images_per_id // full.batch_size)
     test_images = 2 * (IJB_IMAGES_PER_IDENTITY * full.ijb_identities + sum(
@@ -1183,8 +1188,9 @@ def estimate(work: Path, results_dir: Path, methods: list[str], seeds: list[int]
              f"Command: `{command}`. Per-step CPU seconds measured at batch "
              f"{size.batch_size} (one thread, runs of 1 and 4 steps on a small dataset), "
              f"projected to the full plan ({len(cost)} tasks, students {steps} steps, "
-             f"seeds {seeds}, tuning grid x{list(WEIGHT_FACTORS)} then "
-             f"x{list(TEMP_FACTORS)}).", "",
+             f"seeds {seeds}, tuning grid x{', '.join(f'{f:.3g}' for f in WEIGHT_FACTORS)} "
+             f"then x{', '.join(f'{f:.3g}' for f in TEMP_FACTORS)}). CPU time is inflated "
+             "on a loaded machine: the load average below says how loaded.", "",
              "| method | CPU s / step | projected CPU h (tuning + test) |", "|---|---:|---:|"]
     for method in methods:
         lines.append(f"| {LABELS.get(method, method)} | {timings[f'step/{method}']:.2f} | "
@@ -1360,8 +1366,9 @@ def main(argv: list[str] | None = None) -> int:
                              "WORK/results, so a smoke test never overwrites the real table)")
     parser.add_argument("--seeds", default=None,
                         help="comma-separated test seeds (default 0,1,2,3,4; quick 0,1)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all "
+                             "but srd_unlabelled)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite the table from finished runs (safe while a run "
                              "is going on in the same --work)")
@@ -1395,7 +1402,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or (1 if args.quick or (os.cpu_count() or 1) < 2 else 2)
     command = "python -m bench.methods" + (" --quick" if args.quick else "") + (
         " --estimate" if args.estimate else "")
-    if args.methods != ",".join(METHODS):
+    if args.methods != ",".join(DEFAULT_METHODS):
         command += f" --methods {','.join(methods)}"
     if args.seeds:
         command += f" --seeds {seeds_text}"

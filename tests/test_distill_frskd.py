@@ -88,6 +88,9 @@ def test_self_teacher_keeps_map_sizes_at_twice_the_width_of_every_level():
                                                  for c, s in zip(CHANNELS, SIZES, strict=True)]
     assert emb.shape == (3, 6)
     assert _frskd().self_teacher.widths == [8, 12, 16]
+    # --depth 2: two depthwise-separable layers in every fusion block
+    block = _frskd().self_teacher.td_block[0]
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in block.modules()) == 2
     wrong = SelfTeacher(CHANNELS, multiplier=2, embedding_size=6, pool="gdc", gdc_size=3)
     with pytest.raises(ConfigError, match="gdc_size"):
         wrong(_maps(3, requires_grad=False))

@@ -3,7 +3,8 @@
 Ji et al., "Refine Myself by Teaching Myself: Feature Refinement via Self-Knowledge
 Distillation" (CVPR 2021); authors' code MingiJi/FRSKD. The self-teacher is the official
 ``BiFPNc``: a top-down + bottom-up fusion of the student's stage outputs at *twice the
-student's width at every level* (``--width 2``), depthwise-separable conv blocks, learned
+student's width at every level* (``--width 2``), depthwise-separable conv blocks of two
+layers (``--depth 2``), learned
 normalised fusion weights, ending here in its own GDC + embedding + margin head (the
 official ends in avg-pool + fc over the same classes). The student learns the refined
 maps' attention (AT, beta = 100) and the self-teacher's detached logits by KD at T = 4
@@ -46,6 +47,7 @@ class FRSKDParams:
     """
 
     width_multiplier: int = 2                     # self-teacher channels = 2 x the student's
+    depth: int = 2                                # separable convs per fusion block
     pool: Literal["gdc", "avg"] = "gdc"
     gdc_size: int = 7                             # side of the last map (112 px input: 7)
     soft_target: Literal["kd", "cosine"] = "kd"
@@ -56,23 +58,31 @@ class FRSKDParams:
     detach_input: bool = False                    # True: self_ce does not reach the student
 
     def validate(self, path: str = "") -> None:
-        if self.width_multiplier <= 0 or self.gdc_size <= 0 or self.temperature <= 0:
-            raise ConfigError(f"{path}: width_multiplier, gdc_size and temperature must be "
-                              "positive")
+        if min(self.width_multiplier, self.depth, self.gdc_size) <= 0 or \
+                self.temperature <= 0:
+            raise ConfigError(f"{path}: width_multiplier, depth, gdc_size and temperature "
+                              "must be positive")
 
 
 class SeparableConvBlock(nn.Module):
-    """Depthwise 3x3 + pointwise 1x1 + BN + ReLU: BiFPN's cheap fusion block."""
+    """``depth`` x (depthwise 3x3 + pointwise 1x1 + BN), ReLU between and after.
 
-    def __init__(self, channels: int) -> None:
+    The official 3x3 ``DepthConvBlock`` at the authors' ``--depth 2``.
+    """
+
+    def __init__(self, channels: int, depth: int = 2) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels,
-                                   bias=False)
-        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
-        self.bn = nn.BatchNorm2d(channels)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels,
+                                    bias=False),
+                          nn.Conv2d(channels, channels, 1, bias=False),
+                          nn.BatchNorm2d(channels))
+            for _ in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.bn(self.pointwise(self.depthwise(x))))
+        for i, layer in enumerate(self.layers):
+            x = layer(F.relu(x) if i else x)
+        return F.relu(x)
 
 
 class WeightedFusion(nn.Module):
@@ -115,7 +125,7 @@ class SelfTeacher(nn.Module):
     """
 
     def __init__(self, in_channels: list[int], multiplier: int, embedding_size: int,
-                 pool: str = "gdc", gdc_size: int = 7) -> None:
+                 pool: str = "gdc", gdc_size: int = 7, depth: int = 2) -> None:
         super().__init__()
         levels = len(in_channels)
         widths = [c * multiplier for c in in_channels]
@@ -127,12 +137,14 @@ class SelfTeacher(nn.Module):
         # top-down: level i (< L-1) fuses lateral_i with the coarser top-down map
         self.up = nn.ModuleList(_pointwise(widths[i + 1], widths[i]) for i in range(levels - 1))
         self.td_fuse = nn.ModuleList(WeightedFusion(2) for _ in range(levels - 1))
-        self.td_block = nn.ModuleList(SeparableConvBlock(widths[i]) for i in range(levels - 1))
+        self.td_block = nn.ModuleList(SeparableConvBlock(widths[i], depth)
+                                      for i in range(levels - 1))
         # bottom-up: level i (> 0) fuses lateral2_i, td_i (inner levels) and the finer output
         self.down = nn.ModuleList(_pointwise(widths[i - 1], widths[i]) for i in range(1, levels))
         self.bu_fuse = nn.ModuleList(WeightedFusion(3 if i < levels - 1 else 2)
                                      for i in range(1, levels))
-        self.bu_block = nn.ModuleList(SeparableConvBlock(widths[i]) for i in range(1, levels))
+        self.bu_block = nn.ModuleList(SeparableConvBlock(widths[i], depth)
+                                      for i in range(1, levels))
         self.pool_kind = pool
         self.gdc_size = gdc_size
         last = widths[-1]
@@ -209,9 +221,9 @@ class FRSKD(DistillMethod):
         from facekd.models.heads import create_head
 
         self.self_teacher = SelfTeacher(list(student_feature_channels),
-                                        params.width_multiplier,
-                                        student_dim, pool=params.pool,
-                                        gdc_size=params.gdc_size)
+                                        params.width_multiplier, student_dim,
+                                        pool=params.pool, gdc_size=params.gdc_size,
+                                        depth=params.depth)
         self.head = create_head(params.head, student_dim, num_classes, scale=params.scale,
                                 margin=params.margin)
 
