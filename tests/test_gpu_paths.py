@@ -505,3 +505,29 @@ def test_trainer_hands_its_device_to_the_decoder(tmp_path):
     trainer.dist, trainer.device = DistInfo(), torch.device("cpu")
     trainer._build_data()
     assert received[0]["decode_device"] == torch.device("cpu")
+
+
+def test_cache_build_copies_embeddings_to_the_host_per_chunk_not_per_batch(tmp_path,
+                                                                            monkeypatch):
+    """Each .cpu() of a device embedding is a sync: one per written chunk, not per batch."""
+    from facekd.train.cache import build_teacher_cache, open_cache
+
+    dim = 32
+    copies = []
+    real_cpu = torch.Tensor.cpu
+
+    def spy_cpu(self, *a, **k):
+        if self.ndim == 3 and self.shape[1:] == (2, dim):  # (image, mirror) embedding pairs
+            copies.append(tuple(self.shape))
+        return real_cpu(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", spy_cpu)
+    build_teacher_cache("", "memory", tmp_path / "c", batch_size=4, dtype="float16",
+                        teacher=_OnDeviceTeacher(dim=dim), progress=False, chunk_batches=3,
+                        loader_factory=memory_loader_factory())
+    monkeypatch.undo()
+    assert copies == [(12, 2, dim)] * 2 + [(8, 2, dim)]   # 8 batches -> 3 + 3 + 2
+    cache = open_cache(tmp_path / "c")
+    batch = next(iter(memory_loader_factory()("memory", 8, seed=0, flip=False)))
+    want = _OnDeviceTeacher(dim=dim).embed(batch["image"]).half().float()
+    torch.testing.assert_close(cache.lookup(batch["key"], batch["flipped"]).embedding, want)

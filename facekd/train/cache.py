@@ -224,9 +224,14 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                 raise ConfigError(f"{out}: an unfinished cache with different settings is "
                                   f"there ({state.get('settings')}); remove it or use another OUT")
         # torchrun: every rank caches its own disjoint share; rank 0 merges at the end.
+        input_device = getattr(teacher, "input_device", None)
+        # pinned batches when the teacher runs on a GPU (asked only then: stand-in loaders)
+        pinned = {"pin_memory": True} if input_device is not None and \
+            torch.device(input_device).type == "cuda" else {}
         loader = build_train_loader(source, batch_size, seed=0, epoch=0, rank=rank,
                                     world_size=info.world_size, flip=False,
-                                    drop_last=False, labelled=True, num_workers=num_workers)
+                                    drop_last=False, labelled=True, num_workers=num_workers,
+                                    **pinned)
         total_batches = len(loader)
         if state["loader"] is not None:
             loader.load_state_dict(state["loader"])
@@ -236,8 +241,10 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                                                     state["chunks"] * chunk_batches),
                    desc="teacher cache", unit="batch",
                    disable=None if progress and info.is_main else True)  # tty only
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         keys_buf: list[np.ndarray] = []
-        emb_buf: list[np.ndarray] = []
+        emb_buf: list[Any] = []   # device tensors until a chunk is written: one host copy
+                                  # (and sync) per chunk, not one per batch
 
         def flush() -> None:
             if not keys_buf:
@@ -245,7 +252,9 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
             index = state["chunks"]
             name = f"chunk-r{rank}-{index:06d}.npz"
             with atomic_path(chunks_dir / name, suffix=".npz") as tmp:
-                np.savez(tmp, keys=np.concatenate(keys_buf), emb=np.concatenate(emb_buf))
+                emb = (torch.cat(emb_buf).cpu().numpy()
+                       if isinstance(emb_buf[0], torch.Tensor) else np.concatenate(emb_buf))
+                np.savez(tmp, keys=np.concatenate(keys_buf), emb=emb)
             keys_buf.clear()
             emb_buf.clear()
             state["chunks"] = index + 1
@@ -254,13 +263,16 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
 
         with torch.inference_mode():
             for batch in loader:
-                images = normalise_batch(batch["image"], getattr(teacher, "input_device", None))
+                images = normalise_batch(batch["image"], input_device)
                 both = torch.cat([images, images.flip(3)])
                 emb = teacher.embed(both)
-                emb = emb.detach().float().cpu().numpy() if isinstance(emb, torch.Tensor) \
-                    else np.asarray(emb, dtype=np.float32)
                 n = images.shape[0]
-                pair = np.stack([emb[:n], emb[n:]], axis=1).astype(np_dtype)
+                if isinstance(emb, torch.Tensor):  # float32 -> storage dtype on the device
+                    emb = emb.detach().float()
+                    pair: Any = torch.stack([emb[:n], emb[n:]], dim=1).to(torch_dtype)
+                else:
+                    emb = np.asarray(emb, dtype=np.float32)
+                    pair = np.stack([emb[:n], emb[n:]], axis=1).astype(np_dtype)
                 keys_buf.append(batch["key"].cpu().numpy().astype(np.int64))
                 emb_buf.append(pair)
                 bar.update(1)
