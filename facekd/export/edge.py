@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,26 +77,14 @@ def export_edge(fmt: EdgeFormat, ckpt: str | Path, out: str | Path, *, arch: str
     from facekd.export import card as card_mod
     from facekd.export import variants as variants_mod
     from facekd.export.calibration import load_calibration_images
-    from facekd.export.onnx_export import load_student
+    from facekd.export.onnx_export import calibration_data, check_export_options, load_student
 
-    out = Path(out)
-    if out.suffix != fmt.suffix:
-        raise FacekdError(f"{out}: output name must end in {fmt.suffix}")
-    if math.isnan(max_drop) or max_drop < 0:
-        raise FacekdError(f"--max-drop must be >= 0, got {max_drop}")
-    for path, what in ((calib_data, "--calib-data"), (eval_bin, "--eval-bin")):
-        if path is not None and not Path(path).exists():
-            raise FacekdError(f"{path}: {what} does not exist")
+    out = check_export_options(out, fmt.suffix, max_drop=max_drop, calib_data=calib_data,
+                               eval_bin=eval_bin)
     require(fmt.packages, fmt.name)
     student = load_student(ckpt, arch)
-    if int8 and calib_data is None:
-        train = student.source.recipe_summary.get("data.train")
-        if isinstance(train, str) and train and Path(train).exists():
-            calib_data = train
-            log.info("INT8 calibration on the recipe's training data %s", train)
-        else:
-            raise FacekdError("--int8 needs --calib-data (a shards folder, RecordIO folder or "
-                              ".bin with a few hundred training faces)")
+    if int8:
+        calib_data = calibration_data(student, calib_data)
     x = parity_mod.to_model_input(parity_mod.synthetic_aligned_faces(16, seed=0))
     reference = parity_mod.torch_embeddings(student.model, x)
     calib = (load_calibration_images(calib_data, count=calib_count)

@@ -247,6 +247,34 @@ def _check_dynamic_batch(path: Path, x: np.ndarray, full: np.ndarray, normalize_
     return sizes
 
 
+
+def check_export_options(out: str | Path, suffix: str, *, max_drop: float,
+                         calib_data: str | Path | None,
+                         eval_bin: str | Path | None) -> Path:
+    """The checks every ``facekd export`` format makes before loading anything."""
+    out = Path(out)
+    if out.suffix != suffix:
+        raise FacekdError(f"{out}: output name must end in {suffix}")
+    if math.isnan(max_drop) or max_drop < 0:
+        raise FacekdError(f"--max-drop must be >= 0, got {max_drop}")
+    for path, what in ((calib_data, "--calib-data"), (eval_bin, "--eval-bin")):
+        if path is not None and not Path(path).exists():
+            raise FacekdError(f"{path}: {what} does not exist")
+    return out
+
+
+def calibration_data(student: Any, calib_data: str | Path | None) -> str | Path:
+    """INT8 calibration images: ``--calib-data``, else the run folder's training data."""
+    if calib_data is not None:
+        return calib_data
+    train = student.source.recipe_summary.get("data.train")
+    if isinstance(train, str) and train and Path(train).exists():
+        log.info("INT8 calibration on the recipe's training data %s", train)
+        return train
+    raise FacekdError("--int8 needs --calib-data (a shards folder, RecordIO folder or "
+                      ".bin with a few hundred training faces)")
+
+
 def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
                 fp16: bool = False, int8: bool = False, normalize_inside: bool = False,
                 simplify: bool = False, calib_data: str | Path | None = None,
@@ -265,24 +293,11 @@ def export_onnx(ckpt: str | Path, out: str | Path, *, arch: str | None = None,
     from facekd.export import variants as variants_mod
     from facekd.export.calibration import load_calibration_images
 
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise FacekdError(f"{out}: output name must end in .onnx")
-    if math.isnan(max_drop) or max_drop < 0:
-        raise FacekdError(f"--max-drop must be >= 0, got {max_drop}")
-    for path, what in ((calib_data, "--calib-data"), (eval_bin, "--eval-bin")):
-        if path is not None and not Path(path).exists():
-            raise FacekdError(f"{path}: {what} does not exist")
+    out = check_export_options(out, ".onnx", max_drop=max_drop, calib_data=calib_data,
+                               eval_bin=eval_bin)
     student = load_student(ckpt, arch)
-    if int8 and calib_data is None:
-        # A run folder's recipe names its training data: calibrate on that by default.
-        train = student.source.recipe_summary.get("data.train")
-        if isinstance(train, str) and train and Path(train).exists():
-            calib_data = train
-            log.info("INT8 calibration on the recipe's training data %s", train)
-        else:
-            raise FacekdError("--int8 needs --calib-data (a shards folder, RecordIO folder or "
-                              ".bin with a few hundred training faces)")
+    if int8:
+        calib_data = calibration_data(student, calib_data)
     fp32 = export_backbone(student, out, normalize_inside=normalize_inside, simplify=simplify,
                            opset=opset)
     variants: dict[str, dict[str, Any]] = {"fp32": fp32.section}
