@@ -25,15 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("data", help="shards folder or RecordIO dataset folder")
     cp.add_argument("out", help="output .npy or .pt")
     cp.add_argument("--arch", help="registry name when the checkpoint is a bare state dict")
-    cp.add_argument("--batch-size", type=int, default=128)
-    cp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
-    cp.add_argument("--workers", type=int, default=0, help="loader worker processes")
-    cp.add_argument("--num-workers", dest="workers", type=int, default=argparse.SUPPRESS,
-                    help=argparse.SUPPRESS)  # old spelling
-    cp.add_argument("--save-every", type=int, default=50,
-                    help="batches between resume points (default 50)")
+    add_teacher_pass_options(cp)
     cp.set_defaults(func=_centres)
     p.facekd_subcommands = tsub  # type: ignore[attr-defined]  # for subcommands()
+
+
+def add_teacher_pass_options(p: argparse.ArgumentParser) -> None:
+    """Options of a resumable pass of the teacher over a dataset (``centres``, ``cache``)."""
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    p.add_argument("--num-workers", dest="workers", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--save-every", type=int, default=50,
+                   help="batches between resume points (default 50)")
 
 
 def subcommands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from facekd.models.teacher_commands import subcommands
+from facekd.models.teacher_commands import add_teacher_pass_options, subcommands
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,13 +32,7 @@ def _register_teacher_cache(tsub: argparse._SubParsersAction) -> None:
     kp.add_argument("--arch", help="registry name when the checkpoint is a bare state dict")
     kp.add_argument("--classifier", help="class centres / Partial FC files for the teacher head")
     kp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    kp.add_argument("--batch-size", type=int, default=128)
-    kp.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
-    kp.add_argument("--workers", type=int, default=0, help="loader worker processes")
-    kp.add_argument("--num-workers", dest="workers", type=int, default=argparse.SUPPRESS,
-                    help=argparse.SUPPRESS)  # old spelling
-    kp.add_argument("--save-every", type=int, default=50,
-                    help="batches between resume points (default 50)")
+    add_teacher_pass_options(kp)
     kp.add_argument("--chunk-batches", dest="save_every", type=int,
                     default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
     kp.set_defaults(func=_cache)
