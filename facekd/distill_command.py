@@ -28,11 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def verify_bin(embedder: Any, path: str, batch_size: int) -> dict[str, Any]:
     """The trainer's evaluator: 10-fold verification on one ``.bin``, never cached (the
-    model is still training) and without a progress bar."""
+    model is still training), without a progress bar, and without bootstrap intervals
+    (the trainer logs only the accuracy and its fold std, every validation round)."""
     from facekd.evaluate import evaluate_bin
 
     return evaluate_bin(embedder, path, batch_size=batch_size, use_cache=False,
-                        progress=False)
+                        progress=False, bootstrap=0)
 
 
 def run(args: argparse.Namespace) -> int:

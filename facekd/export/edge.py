@@ -195,7 +195,8 @@ def _evaluate(fmt: EdgeFormat, paths: dict[str, list[Path]], variants: dict[str,
 
     for variant in variants:
         embedder = fmt.embedder(paths[variant], variant, normalize_inside=normalize_inside)
-        numbers = dict(evaluate_bin(embedder, str(eval_bin), use_cache=False, progress=False))
+        numbers = dict(evaluate_bin(embedder, str(eval_bin), use_cache=False, progress=False,
+                                    bootstrap=0))  # the card keeps scalar metrics only
         numbers = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in numbers.items()}
         variants[variant]["evaluation"] = {
             "bin": Path(eval_bin).name, "accuracy": accuracy_of(numbers),

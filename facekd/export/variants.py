@@ -91,8 +91,9 @@ def evaluate_variants(paths: dict[str, Path], bin_path: str | Path,
         embedder = load_embedder(path, device="cpu")  # the one path every command uses
         if getattr(embedder, "raw_pixels", normalize_inside) != normalize_inside:
             raise FacekdError(f"{path}: its metadata disagrees with --normalize-inside")
-        # No feature cache: export must not write into the user's evaluation cache.
-        numbers = evaluate_bin(embedder, str(bin_path), use_cache=False)
+        # No feature cache: export must not write into the user's evaluation cache. No
+        # bootstrap: the gate and the card keep only the scalar metrics.
+        numbers = evaluate_bin(embedder, str(bin_path), use_cache=False, bootstrap=0)
         numbers = {k: _plain(v) for k, v in dict(numbers).items()}
         accuracy = accuracy_of(numbers)
         results[variant] = {"bin": Path(bin_path).name, "accuracy": accuracy,
