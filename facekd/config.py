@@ -4,13 +4,16 @@ A recipe is a tree of dataclasses. :func:`load_config` reads a YAML file with
 ``yaml.safe_load``, applies ``key.sub=value`` overrides from the command line, and
 builds the dataclass tree, rejecting unknown keys (with a "did you mean" hint) and
 values of the wrong type (naming the key's full path). :func:`save_config` writes the
-fully resolved tree so a run can be repeated exactly.
+fully resolved tree so a run can be repeated exactly. A renamed key or value keeps its old
+spelling as an alias (:func:`rewrite_old_spellings`): it loads, with a deprecation note
+in the log, and builds exactly what the new spelling builds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -23,6 +26,7 @@ from facekd.errors import ConfigError
 from facekd.fileio import write_text_atomic
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _hint(name: str, choices: Iterable[str]) -> str:
@@ -99,11 +103,55 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")  # schema bug, not user input
 
 
+def _yaml_word(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    # type-strict: an old ``true`` must not also match 1 (True == 1 in Python)
+    return type(a) is type(b) and a == b
+
+
+def rewrite_old_spellings(cls: type, data: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    """``data`` with the old spellings that dataclass ``cls`` still accepts made current.
+
+    ``cls.old_keys`` maps a renamed key to its new name, ``cls.old_values`` a key to
+    {old value: new value}. Each rewrite logs a deprecation note naming the full key, so
+    recipes (and the resolved recipes of earlier runs) written before a rename keep loading
+    to the same config; giving a key under both its spellings is a ConfigError.
+    """
+    old_keys: Mapping[str, str] = getattr(cls, "old_keys", {})
+    old_values: Mapping[str, Mapping[Any, Any]] = getattr(cls, "old_values", {})
+    out = {str(k): v for k, v in data.items()}
+    for old, new in old_keys.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"'{_join(path, old)}' is the old spelling of "
+                              f"'{_join(path, new)}'; give only '{_join(path, new)}'")
+        log.warning("%s is deprecated: it is now spelt %s (same meaning)",
+                    _join(path, old), _join(path, new))
+        out = {new if k == old else k: v for k, v in out.items()}
+    for key, renames in old_values.items():
+        if key not in out:
+            continue
+        for old, new in renames.items():
+            if _same_value(out[key], old):
+                log.warning("%s: %s is deprecated: it is now spelt %s (same meaning)",
+                            _join(path, key), _yaml_word(old), _yaml_word(new))
+                out[key] = new
+                break
+    return out
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, strictly: unknown keys and bad types raise."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
+    data = rewrite_old_spellings(cls, data, path)
     for key, value in data.items():
         key = str(key)
         if key not in fields:

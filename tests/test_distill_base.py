@@ -41,7 +41,7 @@ def test_unknown_param_key_gives_hint():
     ("srd", {"connector": "conv"}, "connector: 'conv' is not one of"),
     ("srd", {"num_negatives": -1}, "num_negatives"),
     ("refilled", {"stage": 3}, "stage must be 1, 2 or 'two_stage'"),
-    ("feature", {"loss": "l1"}, "loss: 'l1' is not one of"),
+    ("feature", {"feature_loss": "l1"}, "feature_loss: 'l1' is not one of"),
     ("none", {"anything": 1}, "unknown key 'method.params.anything'"),
 ])
 def test_bad_params_raise_config_error(name, params, match):
@@ -107,3 +107,67 @@ def test_sample_classes_keeps_positives_and_is_seeded():
     assert {3, 7, 12} <= set(first.tolist())
     assert sample_classes(labels, 20, None) is None
     assert sample_classes(labels, 6, 10) is None  # everything kept anyway
+
+
+# Old spellings of renamed method keys (issue 12: SRD's and feature's keys alike) and
+# the current ones they stand for; each pair must build the very same method.
+OLD_AND_NEW = [
+    ("feature", {"loss": "cosine", "connector": True},
+     {"feature_loss": "cosine", "connector": "embedding"}),
+    ("feature", {"loss": "mse", "connector": False},
+     {"feature_loss": "mse", "connector": "none"}),
+    ("adadistill", {"connector": "linear"}, {"connector": "embedding"}),
+]
+
+
+@pytest.mark.parametrize("name,old,new", OLD_AND_NEW)
+def test_old_spellings_build_the_same_method(name, old, new, caplog):
+    dim = 4 if new.get("connector") == "none" else 6
+    built = []
+    for params in (old, new):
+        torch.manual_seed(0)
+        built.append(create_method(name, student_dim=4, teacher_dim=dim, num_classes=5,
+                                   params=params))
+    with_old, with_new = built
+    assert with_old.params == with_new.params
+    assert type(with_old.connector) is type(with_new.connector)
+    state_old, state_new = with_old.state_dict(), with_new.state_dict()
+    assert state_old.keys() == state_new.keys()
+    assert all(torch.equal(state_old[k], state_new[k]) for k in state_old)
+    torch.manual_seed(1)
+    student, teacher = torch.randn(6, 4), torch.randn(6, dim)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    losses = [m(StudentOutput(student), TeacherOutput(teacher), labels) for m in built]
+    assert losses[0].keys() == losses[1].keys()
+    assert all(torch.equal(losses[0][k], losses[1][k]) for k in losses[0])
+    # the old spelling is a note in the log, not an error
+    caplog.clear()
+    create_method(name, student_dim=4, teacher_dim=dim, num_classes=5, params=old)
+    notes = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert notes and all("deprecated" in note and "method.params." in note for note in notes)
+
+
+def test_old_and_new_spelling_together_is_refused():
+    with pytest.raises(ConfigError, match=r"'method\.params\.loss' is the old spelling of "
+                                          r"'method\.params\.feature_loss'"):
+        _make("feature", loss="mse", feature_loss="mse")
+
+
+def test_srd_and_feature_recipes_share_their_key_names():
+    from facekd.config import read_yaml
+    from facekd.train.recipe import shipped_recipe
+
+    keys = {name: set(read_yaml(shipped_recipe(f"{name}_synth.yaml"))["method"]["params"])
+            for name in ("srd", "feature")}
+    assert {"connector", "feature_loss"} <= keys["srd"] & keys["feature"]
+
+
+def test_a_recipe_in_the_old_spelling_loads_to_the_same_params():
+    from facekd.distill.base import parse_params
+    from facekd.train.recipe import load_recipe, shipped_recipe
+
+    path = str(shipped_recipe("feature_synth.yaml"))
+    old = load_recipe(path, ["method.params={loss: cosine, connector: true}"])
+    new = load_recipe(path)
+    cls = get_method_class("feature")
+    assert parse_params(cls, old.method.params) == parse_params(cls, new.method.params)

@@ -51,17 +51,17 @@ def test_feature_cosine_and_mse():
     s = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
     t = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     mse = create_method("feature", student_dim=2, teacher_dim=2, num_classes=1,
-                        params={"loss": "mse", "connector": False})
+                        params={"feature_loss": "mse", "connector": "none"})
     assert mse(StudentOutput(s), TeacherOutput(t), torch.tensor([0, 0]))["feature"].item() == \
         pytest.approx((0 + 1 + 9 + 1) / 4)
     cos = create_method("feature", student_dim=2, teacher_dim=2, num_classes=1,
-                        params={"connector": False})
+                        params={"connector": "none"})
     expected = ((1 - 1 / math.sqrt(2)) + (1 + 1 / math.sqrt(2))) / 2
     assert cos(StudentOutput(s), TeacherOutput(t), torch.tensor([0, 0]))["feature"].item() == \
         pytest.approx(expected, rel=1e-6)
     with pytest.raises(ConfigError, match="equal embedding sizes"):
         create_method("feature", student_dim=2, teacher_dim=3, num_classes=1,
-                      params={"connector": False})
+                      params={"connector": "none"})
 
 
 def _smooth_l1(x):

@@ -12,7 +12,7 @@ from facekd.train.trainer import train
 
 # feature distillation without a connector and a BN-free student: every term is a mean
 # over samples, so averaging over ranks gives exactly the global-batch gradient.
-COMMON = ("optim.epochs=1", "method.params={connector: false}", "student.head.partial_fc=true",
+COMMON = ("optim.epochs=1", "method.params={connector: none}", "student.head.partial_fc=true",
           "student.head.sample_rate=0.5")
 
 

@@ -32,7 +32,7 @@ Parameter outside the optimiser). Where facekd differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,11 @@ class AdaDistillParams:
 
     scale: float = 64.0
     margin: float = 0.45
-    connector: Literal["auto", "linear"] = "auto"   # auto: none when sizes agree
+    # auto: none when sizes agree; embedding: linear + BN always (the name SRD and
+    # feature use for it; the old spelling ``linear`` still loads)
+    connector: Literal["auto", "embedding"] = "auto"
+
+    old_values: ClassVar[dict[str, dict[Any, Any]]] = {"connector": {"linear": "embedding"}}
 
     def validate(self, path: str = "") -> None:
         if self.scale <= 0 or not 0.0 <= self.margin < 3.14159:
@@ -99,7 +103,7 @@ class AdaDistill(DistillMethod):
                          student_feature_channels=student_feature_channels)
         if teacher_dim is None:
             raise ConfigError("method 'adadistill' needs the teacher's embedding size")
-        if params.connector == "linear" or student_dim != teacher_dim:
+        if params.connector == "embedding" or student_dim != teacher_dim:
             self.connector: nn.Module = EmbeddingConnector(student_dim, teacher_dim)
         else:
             self.connector = nn.Identity()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +92,19 @@ class KD(DistillMethod):
 
 @dataclass
 class FeatureParams:
-    """FitNet-style embedding matching; cosine is what users try first."""
+    """FitNet-style embedding matching; cosine is what users try first.
 
-    loss: Literal["cosine", "mse"] = "cosine"
-    connector: bool = True   # linear + BN to the teacher's size; off needs equal sizes
+    Keys spelt as SRD's: ``feature_loss`` (was ``loss``) and ``connector`` by name
+    (``embedding``: linear + BN to the teacher's size; ``none``: equal sizes only; was
+    ``true`` / ``false``). The old spellings still load, with a deprecation note.
+    """
+
+    feature_loss: Literal["cosine", "mse"] = "cosine"
+    connector: Literal["embedding", "none"] = "embedding"
+
+    old_keys: ClassVar[dict[str, str]] = {"loss": "feature_loss"}
+    old_values: ClassVar[dict[str, dict[Any, Any]]] = {
+        "connector": {True: "embedding", False: "none"}}
 
 
 @register_method("feature")
@@ -114,10 +123,10 @@ class FeatureMatch(DistillMethod):
                          student_feature_channels=student_feature_channels)
         if teacher_dim is None:
             raise ConfigError("method 'feature' needs the teacher's embedding size")
-        if params.connector:
+        if params.connector == "embedding":
             self.connector: nn.Module = EmbeddingConnector(student_dim, teacher_dim)
         elif student_dim != teacher_dim:
-            raise ConfigError(f"method.params.connector: false needs equal embedding sizes, "
+            raise ConfigError(f"method.params.connector: none needs equal embedding sizes, "
                               f"student {student_dim} vs teacher {teacher_dim}")
         else:
             self.connector = nn.Identity()
@@ -127,7 +136,7 @@ class FeatureMatch(DistillMethod):
         teacher = self._require_teacher(teacher)
         mapped = self.connector(student.embedding).float()
         target = teacher.embedding.detach().float()
-        if self.params.loss == "mse":
+        if self.params.feature_loss == "mse":
             return {"feature": F.mse_loss(mapped, target)}
         return {"feature": (1.0 - F.cosine_similarity(mapped, target, dim=1)).mean()}
 

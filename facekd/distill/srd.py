@@ -46,7 +46,10 @@ from facekd.errors import ConfigError
 
 @dataclass
 class SRDParams:
-    """SRD hyper-parameters; defaults follow the authors' SRD runs (beta = 1, no KL)."""
+    """SRD hyper-parameters; defaults follow the authors' SRD runs (beta = 1, no KL).
+
+    ``connector`` and ``feature_loss`` are spelt as in the feature baseline's params.
+    """
 
     # feature: 1x1 conv + BN on the last map, pooled. No final ReLU (the authors' has one,
     # for a post-ReLU CIFAR teacher feature): a face embedding is signed, so a
