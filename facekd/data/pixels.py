@@ -19,6 +19,12 @@ PIXEL_MEAN = np.float32(127.5)
 PIXEL_SCALE = np.float32(127.5)
 NORMALISE_LUT = ((np.arange(256, dtype=np.float32) - PIXEL_MEAN) / PIXEL_SCALE).reshape(1, 256)
 DESCRIPTION = "rgb, (x - 127.5) / 127.5 float32"
+# The rule as graph constants, for files that scale their own input: subtract GRAPH_MEAN,
+# then multiply by GRAPH_RECIPROCAL (the ONNX Sub/Mul pair, the NCNN export's traced
+# module); the LiteRT lowering multiplies first, then adds GRAPH_OFFSET (-mean / scale).
+GRAPH_MEAN = float(PIXEL_MEAN)
+GRAPH_RECIPROCAL = 1.0 / float(PIXEL_SCALE)
+GRAPH_OFFSET = -float(PIXEL_MEAN / PIXEL_SCALE)
 
 
 def normalise_pixels(images: Any) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from facekd.data.pixels import normalise_pixels
+from facekd.data.pixels import PIXEL_MEAN, PIXEL_SCALE, normalise_pixels
 from facekd.errors import FacekdError
 from facekd.export import parity as parity_mod
 from facekd.models.embedder import input_is_raw_pixels
@@ -81,7 +81,7 @@ def insightface_compat(path: str | Path, normalize_inside: bool) -> dict[str, An
     kind = type(model).__name__ if model is not None else None
     mean = getattr(model, "input_mean", None)
     std = getattr(model, "input_std", None)
-    expected = (0.0, 1.0) if normalize_inside else (127.5, 127.5)
+    expected = (0.0, 1.0) if normalize_inside else (float(PIXEL_MEAN), float(PIXEL_SCALE))
     ok = kind == "ArcFaceONNX" and (mean, std) == expected
     return {"checked": True, "loaded_as": kind, "input_mean": mean, "input_std": std,
             "passed": ok}

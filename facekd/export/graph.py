@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from facekd.data.pixels import GRAPH_MEAN, GRAPH_RECIPROCAL
 from facekd.errors import FacekdError
 from facekd.models.embedder import NORMALIZATION_KEY
 
@@ -39,8 +40,8 @@ def add_input_normalization(model_proto: Any) -> None:
         if output.name == INPUT_NAME:
             raise FacekdError("the model returns its input unchanged; nothing to export")
     graph.initializer.extend([
-        helper.make_tensor("facekd_input_mean", TensorProto.FLOAT, [], [127.5]),
-        helper.make_tensor("facekd_input_scale", TensorProto.FLOAT, [], [1.0 / 127.5]),
+        helper.make_tensor("facekd_input_mean", TensorProto.FLOAT, [], [GRAPH_MEAN]),
+        helper.make_tensor("facekd_input_scale", TensorProto.FLOAT, [], [GRAPH_RECIPROCAL]),
     ])
     sub = helper.make_node("Sub", [INPUT_NAME, "facekd_input_mean"], [centred], name=NORM_SUB_NODE)
     mul = helper.make_node("Mul", [centred, "facekd_input_scale"], [scaled], name=NORM_MUL_NODE)

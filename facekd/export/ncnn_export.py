@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from facekd.data.pixels import GRAPH_MEAN, GRAPH_RECIPROCAL, to_raw_pixels
 from facekd.errors import FacekdError
 
 INT8_TAG = 0x000D4B38
@@ -75,7 +76,7 @@ def _with_input_scaling(model: Any) -> Any:
             self.inner = inner
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner((x - 127.5) * (1.0 / 127.5))
+            return self.inner((x - GRAPH_MEAN) * GRAPH_RECIPROCAL)
 
     return Scaled(model)
 
@@ -144,7 +145,7 @@ class NcnnEmbedder:
         x = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
         x = x.astype(np.float32, copy=False)
         if self.normalize_inside:
-            x = x * 127.5 + 127.5
+            x = to_raw_pixels(x)
         return np.stack([self.run_one(img) for img in x])
 
 
@@ -341,7 +342,7 @@ class NcnnFormat:
         if variant == "int8":
             if calib is None:
                 raise FacekdError("--int8 needs calibration images (--calib-data)")
-            images = calib * 127.5 + 127.5 if normalize_inside else calib
+            images = to_raw_pixels(calib) if normalize_inside else calib
             settings = quantize_int8(fp32_files[0], fp32_files[1], param, weights,
                                      images.astype(np.float32))
             settings["runtime_options"] = self.options(variant).as_dict()

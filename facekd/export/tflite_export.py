@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from facekd.data.pixels import to_raw_pixels
 from facekd.errors import FacekdError
 from facekd.fileio import sha256_file
 
@@ -109,7 +110,7 @@ def quantize_int8(fp32: bytes, calib: np.ndarray, *, normalize_inside: bool) -> 
     """Full-integer INT8 flatbuffer of ``fp32`` calibrated on ``calib`` ([-1, 1] NCHW)."""
     from ai_edge_litert import _pywrap_tensorflow_lite_calibration_wrapper as wrapper
 
-    feed = calib * 127.5 + 127.5 if normalize_inside else calib
+    feed = to_raw_pixels(calib) if normalize_inside else calib
     nhwc = np.ascontiguousarray(feed.transpose(0, 2, 3, 1), np.float32)
     calibrator = wrapper.CalibrationWrapper(fp32, [], [])
     calibrator.Prepare([[1, 112, 112, 3]])
@@ -140,7 +141,7 @@ class TfliteEmbedder:
         x = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
         x = x.astype(np.float32, copy=False)
         if self.normalize_inside:
-            x = x * 127.5 + 127.5
+            x = to_raw_pixels(x)
         nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         if len(nhwc) != self.batch:
             self.interpreter.resize_tensor_input(self.input, list(nhwc.shape))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from facekd.data.pixels import GRAPH_OFFSET, GRAPH_RECIPROCAL
 from facekd.errors import FacekdError
 
 INPUT_NAME = "data"
@@ -193,8 +194,9 @@ class _Lowering:
         data = self.g.act(INPUT_NAME, (3, 112, 112))
         current = _Act(data, (3, 112, 112))
         if self.normalize_inside:
-            scale = self.g.const("facekd_input_scale", np.array([1.0 / 127.5], np.float32))
-            shift = self.g.const("facekd_input_shift", np.array([-1.0], np.float32))
+            scale = self.g.const("facekd_input_scale",
+                                 np.array([GRAPH_RECIPROCAL], np.float32))
+            shift = self.g.const("facekd_input_shift", np.array([GRAPH_OFFSET], np.float32))
             mid = self._emit(self.s.BuiltinOperator.MUL, [current.index, scale], "data_scaled",
                              current.shape, self.s.BuiltinOptions.MulOptions, self.s.MulOptionsT())
             current = self._emit(self.s.BuiltinOperator.ADD, [mid.index, shift],
