@@ -312,27 +312,31 @@ def load_teacher(spec: str | os.PathLike, *, arch: str | None = None,
 
 
 # ----------------------------------------------------------------------------- centres
+def add_class_sums(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor,
+                   sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add, per labelled row of a [-1, 1] batch, ``normalise(emb(x) + emb(flip(x)))`` to
+    its class row (the teacher sees the labelled rows, then their mirrors)."""
+    num_classes = sums.shape[0]
+    labels = labels.long().cpu()
+    keep = labels >= 0
+    if bool(keep.any()):
+        if int(labels.max()) >= num_classes:
+            raise ConfigError(f"label {int(labels.max())} >= num_classes {num_classes}")
+        images = images[keep]
+        emb = teacher.embed(images).float() + teacher.embed(images.flip(3)).float()
+        feats = F.normalize(emb, dim=1).cpu().double()
+        sums.index_add_(0, labels[keep], feats)
+        counts.index_add_(0, labels[keep], torch.ones(int(keep.sum()), dtype=torch.long))
+
+
 def accumulate_class_sums(teacher: Teacher, batches: Iterable[dict[str, Any]],
-                          sums: torch.Tensor, counts: torch.Tensor,
-                          on_batch: Callable[[], None] | None = None) -> None:
-    """Add, per labelled sample, ``normalise(emb(x) + emb(flip(x)))`` to its class row."""
+                          sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """:func:`add_class_sums` over loader batches (uint8 images, scaled here)."""
     from facekd.data.loader import normalise_batch
 
-    num_classes = sums.shape[0]
     for batch in batches:
         images = normalise_batch(batch["image"], getattr(teacher, "input_device", None))
-        labels = batch["label"].long().cpu()
-        keep = labels >= 0
-        if bool(keep.any()):
-            if int(labels.max()) >= num_classes:
-                raise ConfigError(f"label {int(labels.max())} >= num_classes {num_classes}")
-            images = images[keep]
-            emb = teacher.embed(images).float() + teacher.embed(images.flip(3)).float()
-            feats = F.normalize(emb, dim=1).cpu().double()
-            sums.index_add_(0, labels[keep], feats)
-            counts.index_add_(0, labels[keep], torch.ones(int(keep.sum()), dtype=torch.long))
-        if on_batch is not None:
-            on_batch()
+        add_class_sums(teacher, images, batch["label"], sums, counts)
 
 
 def finish_centres(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -378,18 +382,15 @@ def teacher_centres(teacher_spec: str | os.PathLike, data: str | os.PathLike,
                     loader_factory: Callable[..., Any] | None = None) -> Path:
     """`facekd teacher centres`: class centres of teacher embeddings over a training set.
 
-    Resumable: running sums, counts and the loader position are saved every
+    Resumable (:class:`~facekd.models.teacher_pass.TeacherPass`, the teacher cache's
+    pass too): running sums, counts and the loader position are saved every
     ``save_every`` batches to ``OUT.partial.pt`` and picked up by the next run.
     """
-    from tqdm import tqdm
-
     from facekd.fileio import atomic_path
     from facekd.logs import add_file_log
+    from facekd.models.teacher_pass import TeacherPass, check_pass_sizes
 
-    if loader_factory is None:
-        from facekd.data.loader import build_train_loader as loader_factory
-    if batch_size <= 0 or save_every <= 0:
-        raise ConfigError("--batch-size and --save-every must be positive")
+    check_pass_sizes(batch_size, save_every, "--batch-size and --save-every")
     out = Path(out)
     partial = out.with_name(out.name + ".partial.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -397,9 +398,11 @@ def teacher_centres(teacher_spec: str | os.PathLike, data: str | os.PathLike,
     try:
         if teacher is None:
             teacher = load_teacher(teacher_spec, arch=arch, device=device)
-        loader = loader_factory(data, batch_size, seed=0, epoch=0, flip=False, drop_last=False,
-                                labelled=True, num_workers=num_workers)
-        num_classes = int(loader.num_classes)
+        teacher_pass = TeacherPass(loader_factory, data, batch_size, num_workers=num_workers,
+                                   save_every=save_every, desc="teacher centres",
+                                   input_device=getattr(teacher, "input_device", None),
+                                   progress=progress)
+        num_classes = int(teacher_pass.loader.num_classes)
         dim = teacher.embedding_size or int(teacher.embed(torch.zeros(1, 3, 112, 112)).shape[1])
         settings = {"teacher": str(teacher_spec), "data": str(data), "batch_size": batch_size,
                     "num_classes": num_classes, "dim": dim}
@@ -411,25 +414,17 @@ def teacher_centres(teacher_spec: str | os.PathLike, data: str | os.PathLike,
                 raise ConfigError(f"{partial}: left by a run with other settings "
                                   f"({state.get('settings')}); delete it to start over")
             sums, counts = state["sums"], state["counts"]
-            loader.load_state_dict(state["loader"])
-            log.info("resuming teacher centres from %s", partial)
-        done = loader.state_dict().get("batches_done", 0)
-        bar = tqdm(total=len(loader), initial=done, desc="teacher centres", unit="batch",
-                   disable=None if progress else True)  # None: no bar when not a tty
-        since_save = 0
+            teacher_pass.resume(state["loader"], partial)
 
-        def on_batch() -> None:
-            nonlocal since_save
-            bar.update(1)
-            since_save += 1
-            if since_save >= save_every:
-                since_save = 0
-                with atomic_path(partial) as tmp, open(tmp, "wb") as f:
-                    torch.save({"settings": settings, "sums": sums, "counts": counts,
-                                "loader": loader.state_dict()}, f)
+        def add_batch(images: torch.Tensor, batch: dict[str, Any]) -> None:
+            add_class_sums(teacher, images, batch["label"], sums, counts)
 
-        accumulate_class_sums(teacher, loader, sums, counts, on_batch)
-        bar.close()
+        def save() -> None:
+            with atomic_path(partial) as tmp, open(tmp, "wb") as f:
+                torch.save({"settings": settings, "sums": sums, "counts": counts,
+                            "loader": teacher_pass.position()}, f)
+
+        teacher_pass.run(add_batch, save)
         centres = finish_centres(sums, counts)
         empty = int((counts == 0).sum())
         if empty:

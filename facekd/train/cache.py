@@ -166,22 +166,16 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
 
     ``teacher`` may be an already loaded teacher object (tests, the trainer); otherwise
     ``teacher_spec`` is loaded with :func:`facekd.models.teacher.load_teacher`.
-    ``loader_factory`` replaces :func:`facekd.data.loader.build_train_loader`.
+    ``loader_factory`` replaces :func:`facekd.data.loader.build_train_loader`. The loop,
+    its resume points (a chunk of rows every ``chunk_batches`` batches) and progress are
+    :class:`~facekd.models.teacher_pass.TeacherPass`, shared with ``teacher centres``.
     """
-    from tqdm import tqdm
-
-    from facekd.data.loader import normalise_batch
     from facekd.logs import add_file_log
-
-    if loader_factory is not None:
-        build_train_loader = loader_factory
-    else:
-        from facekd.data.loader import build_train_loader
+    from facekd.models.teacher_pass import TeacherPass, check_pass_sizes
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
-    if batch_size <= 0 or chunk_batches <= 0:
-        raise ConfigError("batch size and chunk size must be positive")
+    check_pass_sizes(batch_size, chunk_batches, "batch size and chunk size")
     out = Path(out)
     meta_path = out / "meta.json"
     if meta_path.exists():
@@ -228,19 +222,14 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
         # pinned batches when the teacher runs on a GPU (asked only then: stand-in loaders)
         pinned = {"pin_memory": True} if input_device is not None and \
             torch.device(input_device).type == "cuda" else {}
-        loader = build_train_loader(source, batch_size, seed=0, epoch=0, rank=rank,
-                                    world_size=info.world_size, flip=False,
-                                    drop_last=False, labelled=True, num_workers=num_workers,
-                                    **pinned)
-        total_batches = len(loader)
+        teacher_pass = TeacherPass(loader_factory, source, batch_size, num_workers=num_workers,
+                                   save_every=chunk_batches, desc="teacher cache",
+                                   input_device=input_device,
+                                   progress=progress and info.is_main, rank=rank,
+                                   world_size=info.world_size, **pinned)
         if state["loader"] is not None:
-            loader.load_state_dict(state["loader"])
-            log.info("resuming teacher cache at chunk %d", state["chunks"])
+            teacher_pass.resume(state["loader"], f"{progress_path} (chunk {state['chunks']})")
         np_dtype = np.float16 if dtype == "float16" else np.float32
-        bar = tqdm(total=total_batches, initial=min(total_batches,
-                                                    state["chunks"] * chunk_batches),
-                   desc="teacher cache", unit="batch",
-                   disable=None if progress and info.is_main else True)  # tty only
         torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         keys_buf: list[np.ndarray] = []
         emb_buf: list[Any] = []   # device tensors until a chunk is written: one host copy
@@ -258,28 +247,25 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
             keys_buf.clear()
             emb_buf.clear()
             state["chunks"] = index + 1
-            state["loader"] = loader.state_dict()
+            state["loader"] = teacher_pass.position()
             write_json_atomic(progress_path, state)
 
+        def add_batch(images: torch.Tensor, batch: dict[str, Any]) -> None:
+            # image and mirror in one teacher call: rows [:n] and [n:]
+            emb = teacher.embed(torch.cat([images, images.flip(3)]))
+            n = images.shape[0]
+            if isinstance(emb, torch.Tensor):  # float32 -> storage dtype on the device
+                emb = emb.detach().float()
+                pair: Any = torch.stack([emb[:n], emb[n:]], dim=1).to(torch_dtype)
+            else:
+                emb = np.asarray(emb, dtype=np.float32)
+                pair = np.stack([emb[:n], emb[n:]], axis=1).astype(np_dtype)
+            keys_buf.append(batch["key"].cpu().numpy().astype(np.int64))
+            emb_buf.append(pair)
+
         with torch.inference_mode():
-            for batch in loader:
-                images = normalise_batch(batch["image"], input_device)
-                both = torch.cat([images, images.flip(3)])
-                emb = teacher.embed(both)
-                n = images.shape[0]
-                if isinstance(emb, torch.Tensor):  # float32 -> storage dtype on the device
-                    emb = emb.detach().float()
-                    pair: Any = torch.stack([emb[:n], emb[n:]], dim=1).to(torch_dtype)
-                else:
-                    emb = np.asarray(emb, dtype=np.float32)
-                    pair = np.stack([emb[:n], emb[n:]], axis=1).astype(np_dtype)
-                keys_buf.append(batch["key"].cpu().numpy().astype(np.int64))
-                emb_buf.append(pair)
-                bar.update(1)
-                if len(keys_buf) >= chunk_batches:
-                    flush()
-            flush()
-        bar.close()
+            teacher_pass.run(add_batch, flush)
+            flush()   # the last, shorter chunk
         barrier(info)
         if info.is_main:
             centres = getattr(teacher, "centres", None)
