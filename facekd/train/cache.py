@@ -155,6 +155,83 @@ def _teacher_sha(spec: str) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
+def _complete_cache_there(out: Path, teacher_spec: str, source: str, dtype: str) -> bool:
+    """True when ``out`` already holds this very cache; another complete one is an error."""
+    meta_path = out / "meta.json"
+    if not meta_path.exists():
+        return False
+    meta = _load_json(meta_path)
+    if not meta.get("complete"):
+        return False
+    same = (meta.get("source") == str(source) and meta.get("dtype") == dtype
+            and meta.get("teacher") == str(teacher_spec))
+    if not same:
+        raise ConfigError(f"{out} already holds a complete cache of teacher "
+                          f"{meta.get('teacher')!r} on {meta.get('source')!r} "
+                          f"({meta.get('dtype')}); choose another OUT")
+    return True
+
+
+def _progress_state(progress_path: Path, settings: dict[str, Any], out: Path
+                    ) -> dict[str, Any]:
+    """This rank's progress (chunks written, loader position): saved, or a fresh start."""
+    if not progress_path.exists():
+        return {"settings": settings, "chunks": 0, "loader": None}
+    state = _load_json(progress_path)
+    if state.get("settings") != settings:
+        raise ConfigError(f"{out}: an unfinished cache with different settings is "
+                          f"there ({state.get('settings')}); remove it or use another OUT")
+    return state
+
+
+class _RankChunks:
+    """One rank's rows, gathered batch by batch and written a chunk per resume point.
+
+    Embeddings stay device tensors until a chunk is written: one host copy (and sync)
+    per chunk, not one per batch. Each chunk is followed by the progress file that
+    records it and the loader position after it.
+    """
+
+    def __init__(self, teacher: Any, chunks_dir: Path, rank: int, dtype: str,
+                 state: dict[str, Any], progress_path: Path,
+                 position: Callable[[], dict[str, Any]]) -> None:
+        self.teacher, self.chunks_dir, self.rank = teacher, chunks_dir, rank
+        self.np_dtype = np.float16 if dtype == "float16" else np.float32
+        self.torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        self.state, self.progress_path, self.position = state, progress_path, position
+        self.keys: list[np.ndarray] = []
+        self.emb: list[Any] = []
+
+    def add_batch(self, images: torch.Tensor, batch: dict[str, Any]) -> None:
+        """The teacher on image and mirror in one call (rows [:n] and [n:]), stored as pairs."""
+        emb = self.teacher.embed(torch.cat([images, images.flip(3)]))
+        n = images.shape[0]
+        if isinstance(emb, torch.Tensor):  # float32 -> storage dtype on the device
+            emb = emb.detach().float()
+            pair: Any = torch.stack([emb[:n], emb[n:]], dim=1).to(self.torch_dtype)
+        else:
+            emb = np.asarray(emb, dtype=np.float32)
+            pair = np.stack([emb[:n], emb[n:]], axis=1).astype(self.np_dtype)
+        self.keys.append(batch["key"].cpu().numpy().astype(np.int64))
+        self.emb.append(pair)
+
+    def flush(self) -> None:
+        """Write the gathered rows as the next chunk, then the progress after it."""
+        if not self.keys:
+            return
+        index = self.state["chunks"]
+        name = f"chunk-r{self.rank}-{index:06d}.npz"
+        with atomic_path(self.chunks_dir / name, suffix=".npz") as tmp:
+            emb = (torch.cat(self.emb).cpu().numpy()
+                   if isinstance(self.emb[0], torch.Tensor) else np.concatenate(self.emb))
+            np.savez(tmp, keys=np.concatenate(self.keys), emb=emb)
+        self.keys.clear()
+        self.emb.clear()
+        self.state["chunks"] = index + 1
+        self.state["loader"] = self.position()
+        write_json_atomic(self.progress_path, self.state)
+
+
 def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                         arch: str | None = None, classifier: str | None = None,
                         batch_size: int = 64, dtype: str = "float16",
@@ -177,18 +254,9 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
         raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
     check_pass_sizes(batch_size, chunk_batches, "batch size and chunk size")
     out = Path(out)
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        meta = _load_json(meta_path)
-        if meta.get("complete"):
-            same = (meta.get("source") == str(source) and meta.get("dtype") == dtype
-                    and meta.get("teacher") == str(teacher_spec))
-            if not same:
-                raise ConfigError(f"{out} already holds a complete cache of teacher "
-                                  f"{meta.get('teacher')!r} on {meta.get('source')!r} "
-                                  f"({meta.get('dtype')}); choose another OUT")
-            log.info("teacher cache %s is already complete", out)
-            return out
+    if _complete_cache_there(out, teacher_spec, source, dtype):
+        log.info("teacher cache %s is already complete", out)
+        return out
     import torch.distributed as dist
 
     from facekd.train.ddp import barrier, init_distributed, shutdown
@@ -211,12 +279,7 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                     "source": str(source), "dtype": dtype, "batch_size": batch_size,
                     "chunk_batches": chunk_batches, "world_size": info.world_size}
         progress_path = chunks_dir / f"progress-r{rank}.json"
-        state: dict[str, Any] = {"settings": settings, "chunks": 0, "loader": None}
-        if progress_path.exists():
-            state = _load_json(progress_path)
-            if state.get("settings") != settings:
-                raise ConfigError(f"{out}: an unfinished cache with different settings is "
-                                  f"there ({state.get('settings')}); remove it or use another OUT")
+        state = _progress_state(progress_path, settings, out)
         # torchrun: every rank caches its own disjoint share; rank 0 merges at the end.
         input_device = getattr(teacher, "input_device", None)
         # pinned batches when the teacher runs on a GPU (asked only then: stand-in loaders)
@@ -229,47 +292,15 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
                                    world_size=info.world_size, **pinned)
         if state["loader"] is not None:
             teacher_pass.resume(state["loader"], f"{progress_path} (chunk {state['chunks']})")
-        np_dtype = np.float16 if dtype == "float16" else np.float32
-        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
-        keys_buf: list[np.ndarray] = []
-        emb_buf: list[Any] = []   # device tensors until a chunk is written: one host copy
-                                  # (and sync) per chunk, not one per batch
-
-        def flush() -> None:
-            if not keys_buf:
-                return
-            index = state["chunks"]
-            name = f"chunk-r{rank}-{index:06d}.npz"
-            with atomic_path(chunks_dir / name, suffix=".npz") as tmp:
-                emb = (torch.cat(emb_buf).cpu().numpy()
-                       if isinstance(emb_buf[0], torch.Tensor) else np.concatenate(emb_buf))
-                np.savez(tmp, keys=np.concatenate(keys_buf), emb=emb)
-            keys_buf.clear()
-            emb_buf.clear()
-            state["chunks"] = index + 1
-            state["loader"] = teacher_pass.position()
-            write_json_atomic(progress_path, state)
-
-        def add_batch(images: torch.Tensor, batch: dict[str, Any]) -> None:
-            # image and mirror in one teacher call: rows [:n] and [n:]
-            emb = teacher.embed(torch.cat([images, images.flip(3)]))
-            n = images.shape[0]
-            if isinstance(emb, torch.Tensor):  # float32 -> storage dtype on the device
-                emb = emb.detach().float()
-                pair: Any = torch.stack([emb[:n], emb[n:]], dim=1).to(torch_dtype)
-            else:
-                emb = np.asarray(emb, dtype=np.float32)
-                pair = np.stack([emb[:n], emb[n:]], axis=1).astype(np_dtype)
-            keys_buf.append(batch["key"].cpu().numpy().astype(np.int64))
-            emb_buf.append(pair)
-
+        chunks = _RankChunks(teacher, chunks_dir, rank, dtype, state, progress_path,
+                             teacher_pass.position)
         with torch.inference_mode():
-            teacher_pass.run(add_batch, flush)
-            flush()   # the last, shorter chunk
+            teacher_pass.run(chunks.add_batch, chunks.flush)
+            chunks.flush()   # the last, shorter chunk
         barrier(info)
         if info.is_main:
-            centres = getattr(teacher, "centres", None)
-            _finalise(out, chunks_dir, np_dtype, settings, centres,
+            _finalise(out, chunks_dir, chunks.np_dtype, settings,
+                      getattr(teacher, "centres", None),
                       float(getattr(teacher, "scale", 64.0) or 64.0))
         barrier(info)
     finally:
