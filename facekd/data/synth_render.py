@@ -410,6 +410,60 @@ _GREY_HAIR = np.array([185.0, 185.0, 190.0])
 _BLUSH = np.array([200.0, 60.0, 60.0])
 
 
+class _Frame:
+    """One image's pose and colours, shared by the drawing steps of :meth:`FaceRenderer.render`.
+
+    ``sl`` names the layout's point slices; ``fx`` / ``pts`` are every projected point in
+    OpenCV fixed point (array / Python lists), ``vis`` / ``visl`` how much each faces the
+    camera; ``matrix`` maps head-model (u, v) to pixels, ``scale`` and ``angle`` are its
+    size and rotation.
+    """
+
+    ident: Identity
+    nuis: Nuisance
+    layout: _Layout
+    sl: dict[str, slice]
+    size: int
+    age: float
+    sin_yaw: float
+    wrinkle_sls: list[slice]
+    front_hair: bool
+    matrix: np.ndarray
+    scale: float
+    angle: float
+    lm_px: np.ndarray
+    fx: np.ndarray
+    pts: list
+    vis: np.ndarray
+    visl: list
+    hair: np.ndarray
+    skin: np.ndarray
+    skin_l: list
+    widen: float
+    vol: float
+
+    def to_px(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Head-model points (u, v) in OpenCV fixed-point pixels."""
+        return _fixed(np.stack([u, v], axis=1) @ self.matrix[:, :2].T + self.matrix[:, 2])
+
+
+def _background(size: int, nuis: Nuisance, rng: np.random.Generator) -> np.ndarray:
+    """A flat background with the nuisance's clutter ellipses (drawn from ``rng``)."""
+    import cv2
+
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = [min(255, max(0, int(c))) for c in nuis.background.tolist()]
+    if nuis.background_shapes:
+        clutter = rng.random((nuis.background_shapes, 8))
+        for row in clutter:
+            cv2.ellipse(img, (int(row[0] * size * ONE), int(row[1] * size * ONE)),
+                        (int((5 + row[2] * size / 2) * ONE), int((5 + row[3] * size) * ONE)),
+                        float(row[4] * 180), 0, 360,
+                        (float(row[5] * 255), float(row[6] * 255), float(row[7] * 255)), -1,
+                        cv2.LINE_8, SHIFT)  # background: no anti-aliasing needed
+    return img
+
+
 class FaceRenderer:
     """Renders identities under nuisances; caches per-identity upsampled textures."""
 
@@ -443,90 +497,117 @@ class FaceRenderer:
         draws the small random details (clutter, occluder shape, noise window); by
         default it is seeded from ``nuis.seed`` (passing one saves its construction).
         """
-        import cv2
-
         size = size or self.size
         if target is None:
             target = ARCFACE_DST.astype(np.float64) * (size / 112.0)
-        age = nuis.age
-        sin_yaw = np.sin(nuis.yaw)
-
-        # ---- geometry: every surface point of this image, projected at once
-        layout = self._layout(identity_key, ident)
-        sl = layout.slices
-        geo = layout.geometry(nuis, age, sin_yaw)
-        lm_sl, ear_sl, mole_sl, blush_sl = sl["lm"], sl["ear"], sl["mole"], sl["blush"]
-        beard_sl, nose_sl, nostril_sl = sl.get("beard"), sl["nose"], sl["nostril"]
-        hair_sl, top_sl, brow_sls = sl["hair"], sl["top"], (sl["brow0"], sl["brow1"])
-        wrinkle_sls = []
-        if age > 0.35:
-            wrinkle_sls = [sl[f"wrinkle{k}"] for k in range(1 + int((age - 0.35) / 0.65 * 3))]
-            wrinkle_sls += [sl["fold0"], sl["fold1"]]
-        front_hair = layout.hairline(nuis, age) > -ident.head_ry + 0.05
-        lm_model = np.stack([geo.u[lm_sl], geo.v[lm_sl]], axis=1)
-        matrix = _fast_similarity(lm_model, target + nuis.landmark_noise)
-        scale = float(np.hypot(matrix[0, 0], matrix[1, 0]))
-        angle = float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0])))
-        px = np.stack([geo.u, geo.v], axis=1) @ matrix[:, :2].T + matrix[:, 2]
-        lm_px = px[lm_sl]
-        fx = _fixed(px)  # every point in OpenCV fixed point, once
-        pts = fx.tolist()  # python scalars: far cheaper to index than numpy rows
-        vis = geo.vis
-        visl = vis.tolist()
+        f = self._pose(ident, nuis, identity_key, target, size)
         if rng is None:
             rng = np.random.default_rng(nuis.seed)
-        aa = cv2.LINE_AA
+        img = _background(size, nuis, rng)
+        self._draw_back_hair(img, f)
+        self._draw_ears(img, f)
+        mask = self._draw_head(img, f)
+        self._draw_skin_marks(img, f)
+        self._draw_eyes_and_brows(img, f)
+        self._draw_nose(img, f)
+        self._draw_mouth(img, ident, nuis, f.scale, f.lm_px)
+        self._draw_front_hair(img, f)
+        if nuis.glasses:
+            self._draw_glasses(img, ident, f.scale, f.angle, f.lm_px)
+        if nuis.occluder:
+            self._draw_occluder(img, ident, nuis, f.scale, f.angle, rng, f.lm_px, f.skin)
+        shade = self._skin_shade(f, identity_key, mask)
+        return self._photometric(img, shade, nuis, rng), f.lm_px
 
-        def to_px(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-            return _fixed(np.stack([u, v], axis=1) @ matrix[:, :2].T + matrix[:, 2])
-
-        # ---- background clutter
-        img = np.empty((size, size, 3), np.uint8)
-        img[:] = [min(255, max(0, int(c))) for c in nuis.background.tolist()]
-        if nuis.background_shapes:
-            clutter = rng.random((nuis.background_shapes, 8))
-            for row in clutter:
-                cv2.ellipse(img, (int(row[0] * size * ONE), int(row[1] * size * ONE)),
-                            (int((5 + row[2] * size / 2) * ONE), int((5 + row[3] * size) * ONE)),
-                            float(row[4] * 180), 0, 360,
-                            (float(row[5] * 255), float(row[6] * 255), float(row[7] * 255)), -1,
-                            cv2.LINE_8, SHIFT)  # background: no anti-aliasing needed
-
+    # ----------------------------------------------------------------- pose
+    def _pose(self, ident: Identity, nuis: Nuisance, identity_key: int, target: np.ndarray,
+              size: int) -> _Frame:
+        """Every surface point of this image projected at once, and the similarity that
+        puts its landmarks (plus the nuisance's detector noise) on ``target``."""
+        f = _Frame()
+        f.ident, f.nuis, f.size = ident, nuis, size
+        age = f.age = nuis.age
+        sin_yaw = f.sin_yaw = np.sin(nuis.yaw)
+        layout = self._layout(identity_key, ident)
+        sl = f.sl = layout.slices
+        f.layout = layout
+        geo = layout.geometry(nuis, age, sin_yaw)
+        f.wrinkle_sls = []
+        if age > 0.35:
+            f.wrinkle_sls = [sl[f"wrinkle{k}"] for k in range(1 + int((age - 0.35) / 0.65 * 3))]
+            f.wrinkle_sls += [sl["fold0"], sl["fold1"]]
+        f.front_hair = layout.hairline(nuis, age) > -ident.head_ry + 0.05
+        lm_model = np.stack([geo.u[sl["lm"]], geo.v[sl["lm"]]], axis=1)
+        matrix = f.matrix = _fast_similarity(lm_model, target + nuis.landmark_noise)
+        f.scale = float(np.hypot(matrix[0, 0], matrix[1, 0]))
+        f.angle = float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0])))
+        px = np.stack([geo.u, geo.v], axis=1) @ matrix[:, :2].T + matrix[:, 2]
+        f.lm_px = px[sl["lm"]]
+        f.fx = _fixed(px)  # every point in OpenCV fixed point, once
+        f.pts = f.fx.tolist()  # python scalars: far cheaper to index than numpy rows
+        f.vis = geo.vis
+        f.visl = f.vis.tolist()
         hair_mix = min(max((age - 0.45) * 1.6, 0.0), 0.85)
-        hair = ident.hair * (1 - hair_mix) + _GREY_HAIR * hair_mix
-        skin = ident.skin * (1 - 0.08 * age)
-        skin_l = skin.tolist()
-        widen = math.sqrt(math.cos(nuis.yaw) ** 2 + (ident.depth * sin_yaw) ** 2)
+        f.hair = ident.hair * (1 - hair_mix) + _GREY_HAIR * hair_mix
+        f.skin = ident.skin * (1 - 0.08 * age)
+        f.skin_l = f.skin.tolist()
+        f.widen = math.sqrt(math.cos(nuis.yaw) ** 2 + (ident.depth * sin_yaw) ** 2)
+        f.vol = ident.hair_volume * (1 - 0.5 * age)
+        return f
 
-        # ---- back hair (behind the head)
-        vol = ident.hair_volume * (1 - 0.5 * age)
+    # ----------------------------------------------------------------- head
+    @staticmethod
+    def _draw_back_hair(img: np.ndarray, f: _Frame) -> None:
+        """The hair behind the head, when there is any."""
+        import cv2
+
+        ident, vol, sin_yaw = f.ident, f.vol, f.sin_yaw
         if ident.hairline > -1.0 or vol > 0.05:
-            hb_u = (ident.head_rx + vol) * 1.02 * np.cos(_ARC24) * widen - 0.25 * sin_yaw
+            hb_u = (ident.head_rx + vol) * 1.02 * np.cos(_ARC24) * f.widen - 0.25 * sin_yaw
             hb_v = -0.15 * ident.head_ry + (ident.head_ry * 0.98 + vol) * np.sin(_ARC24)
             low = ident.eye_y + 0.25 + vol
             hb_u = np.concatenate([hb_u, [hb_u[-1], hb_u[0]]])
             hb_v = np.concatenate([hb_v, [low, low]])
-            cv2.fillPoly(img, [to_px(hb_u, hb_v)], _colour(hair), aa, SHIFT)
+            cv2.fillPoly(img, [f.to_px(hb_u, hb_v)], _colour(f.hair), cv2.LINE_AA, SHIFT)
 
-        # ---- ears at the silhouette, narrowing as they turn away
+    @staticmethod
+    def _draw_ears(img: np.ndarray, f: _Frame) -> None:
+        """Ears at the silhouette, narrowing as they turn away."""
+        import cv2
+
+        ear_sl, ident, scale = f.sl["ear"], f.ident, f.scale
         for k in range(ear_sl.start, ear_sl.stop):
-            ev = visl[k]
+            ev = f.visl[k]
             if ev > -0.35:
                 axes = (int(scale * ident.ear_size * 0.55 * min(1.0, max(0.25, ev + 0.6)) * ONE),
                         int(scale * ident.ear_size * ONE))
-                cv2.ellipse(img, pts[k], axes, angle, 0, 360, _scaled(skin_l, 0.9), -1, aa,
-                            SHIFT)
+                cv2.ellipse(img, f.pts[k], axes, f.angle, 0, 360, _scaled(f.skin_l, 0.9), -1,
+                            cv2.LINE_AA, SHIFT)
 
-        # ---- head silhouette
+    @staticmethod
+    def _draw_head(img: np.ndarray, f: _Frame) -> np.ndarray:
+        """The head silhouette in skin colour; returns its mask (1 on the face)."""
+        import cv2
+
+        size, layout = f.size, f.layout
         ys = layout.outline_y
-        widths = layout.outline_w * widen
-        face_poly = to_px(np.concatenate([-widths, widths[::-1]]),
-                          np.concatenate([ys, ys[::-1]]) * np.cos(nuis.pitch))
-        cv2.fillPoly(img, [face_poly], _scaled(skin_l, 1.0), aa, SHIFT)
+        widths = layout.outline_w * f.widen
+        face_poly = f.to_px(np.concatenate([-widths, widths[::-1]]),
+                            np.concatenate([ys, ys[::-1]]) * np.cos(f.nuis.pitch))
+        cv2.fillPoly(img, [face_poly], _scaled(f.skin_l, 1.0), cv2.LINE_AA, SHIFT)
         mask = np.zeros((size, size), np.uint8)
         cv2.fillPoly(mask, [face_poly], 1, cv2.LINE_8, SHIFT)
+        return mask
 
-        # ---- moles, blush, beard, wrinkles
+    @staticmethod
+    def _draw_skin_marks(img: np.ndarray, f: _Frame) -> None:
+        """Moles, blush, beard and (with age) wrinkles."""
+        import cv2
+
+        aa = cv2.LINE_AA
+        ident, sl, scale, angle, pts, visl = f.ident, f.sl, f.scale, f.angle, f.pts, f.visl
+        skin, skin_l = f.skin, f.skin_l
+        mole_sl, blush_sl, beard_sl = sl["mole"], sl["blush"], sl.get("beard")
         mole_r = ident.moles[:, 2].tolist()
         for k in range(mole_sl.start, mole_sl.stop):
             mv = visl[k]
@@ -544,21 +625,28 @@ class FaceRenderer:
                                 _colour(blush), -1, aa, SHIFT)
         if beard_sl is not None:
             beard = skin * (1 - ident.beard) + ident.beard_colour * ident.beard
-            cv2.fillPoly(img, [fx[beard_sl]], _colour(beard), aa, SHIFT)
-        if wrinkle_sls:
-            line_col = _scaled(skin_l, 1 - 0.35 * (age - 0.35) / 0.65)
+            cv2.fillPoly(img, [f.fx[beard_sl]], _colour(beard), aa, SHIFT)
+        if f.wrinkle_sls:
+            line_col = _scaled(skin_l, 1 - 0.35 * (f.age - 0.35) / 0.65)
             thick = max(1, round(scale * 0.012))
-            cv2.polylines(img, [fx[sl] for sl in wrinkle_sls], False, line_col, thick, aa,
+            cv2.polylines(img, [f.fx[w] for w in f.wrinkle_sls], False, line_col, thick, aa,
                           SHIFT)
 
-        # ---- eyes and brows
-        lid_col = _scaled(skin_l, 0.35)
+    @staticmethod
+    def _draw_eyes_and_brows(img: np.ndarray, f: _Frame) -> None:
+        """Each eye (white, iris, pupil, lid) foreshortened by its turn, and its brow."""
+        import cv2
+
+        aa = cv2.LINE_AA
+        ident, nuis, scale, angle, pts = f.ident, f.nuis, f.scale, f.angle, f.pts
+        lm_sl, brow_sls = f.sl["lm"], (f.sl["brow0"], f.sl["brow1"])
+        lid_col = _scaled(f.skin_l, 0.35)
         lid_thick = max(1, round(scale * 0.02))
         iris_col = _colour(ident.iris)
-        brow_col = _colour(ident.hair * 0.8 * (1 - 0.4 * max(0.0, age - 0.6)))
+        brow_col = _colour(ident.hair * 0.8 * (1 - 0.4 * max(0.0, f.age - 0.6)))
         brow_thick = max(1, round(scale * ident.brow_thick))
         for k, side in ((0, -1.0), (1, 1.0)):
-            fore = min(max(visl[lm_sl.start + k], 0.0), 1.0)
+            fore = min(max(f.visl[lm_sl.start + k], 0.0), 1.0)
             if fore >= 0.12:
                 cx, cy = pts[lm_sl.start + k]
                 cx, cy = cx / ONE, cy / ONE
@@ -570,52 +658,61 @@ class FaceRenderer:
                     cv2.ellipse(img, centre, (int(w * ONE), int(h * ONE)), tilt, 0, 360,
                                 (235, 232, 228), -1, aa, SHIFT)
                     r = scale * ident.eye_w * ident.iris_r
-                    ic = (int((cx - sin_yaw * w * 0.25) * ONE), int(cy * ONE))
+                    ic = (int((cx - f.sin_yaw * w * 0.25) * ONE), int(cy * ONE))
                     cv2.ellipse(img, ic, (int(r * fore * ONE), int(min(r, h * 1.1) * ONE)), angle,
                                 0, 360, iris_col, -1, aa, SHIFT)
                     cv2.ellipse(img, ic, (int(r * 0.45 * fore * ONE), int(min(r * 0.45, h) * ONE)),
                                 angle, 0, 360, (15, 12, 12), -1, aa, SHIFT)
                 cv2.ellipse(img, centre, (int(w * ONE), int(max(h, 0.5) * ONE)), tilt, 180, 360,
                             lid_col, lid_thick, aa, SHIFT)
-            keep = vis[brow_sls[k]] > 0.1
+            keep = f.vis[brow_sls[k]] > 0.1
             if keep.sum() >= 2:
-                cv2.polylines(img, [fx[brow_sls[k]][keep]], False, brow_col, brow_thick, aa,
+                cv2.polylines(img, [f.fx[brow_sls[k]][keep]], False, brow_col, brow_thick, aa,
                               SHIFT)
 
-        # ---- nose: bridge line towards the hidden side, nostrils
-        cv2.polylines(img, [fx[nose_sl]], False, _scaled(skin_l, 0.7),
+    @staticmethod
+    def _draw_nose(img: np.ndarray, f: _Frame) -> None:
+        """The bridge line towards the hidden side, and the nostrils."""
+        import cv2
+
+        aa = cv2.LINE_AA
+        scale, nostril_sl = f.scale, f.sl["nostril"]
+        cv2.polylines(img, [f.fx[f.sl["nose"]]], False, _scaled(f.skin_l, 0.7),
                       max(1, round(scale * 0.025)), aa, SHIFT)
         for k in range(nostril_sl.start, nostril_sl.stop):
-            nv = visl[k]
+            nv = f.visl[k]
             if nv > 0.15:
-                cv2.ellipse(img, pts[k], (int(scale * ident.nose_w * 0.3 * nv * ONE) + 1,
-                                          int(scale * 0.025 * ONE) + 1), angle, 0, 360,
-                            _scaled(skin_l, 0.45), -1, aa, SHIFT)
+                cv2.ellipse(img, f.pts[k], (int(scale * f.ident.nose_w * 0.3 * nv * ONE) + 1,
+                                            int(scale * 0.025 * ONE) + 1), f.angle, 0, 360,
+                            _scaled(f.skin_l, 0.45), -1, aa, SHIFT)
 
-        self._draw_mouth(img, ident, nuis, scale, lm_px)
+    @staticmethod
+    def _draw_front_hair(img: np.ndarray, f: _Frame) -> None:
+        """The forehead above the hairline, when the hairline is on the face."""
+        import cv2
 
-        # ---- front hair: the forehead above the hairline
-        if front_hair:
-            keep = vis[hair_sl] > -0.6
+        if f.front_hair:
+            hair_sl = f.sl["hair"]
+            keep = f.vis[hair_sl] > -0.6
             if keep.sum() >= 2:
-                top = fx[top_sl][keep[::-1]] - np.array([0, round(vol * scale * ONE)], np.int32)
-                cv2.fillPoly(img, [np.concatenate([fx[hair_sl][keep], top])], _colour(hair), aa,
-                             SHIFT)
+                top = f.fx[f.sl["top"]][keep[::-1]] \
+                    - np.array([0, round(f.vol * f.scale * ONE)], np.int32)
+                cv2.fillPoly(img, [np.concatenate([f.fx[hair_sl][keep], top])], _colour(f.hair),
+                             cv2.LINE_AA, SHIFT)
 
-        if nuis.glasses:
-            self._draw_glasses(img, ident, scale, angle, lm_px)
-        if nuis.occluder:
-            self._draw_occluder(img, ident, nuis, scale, angle, rng, lm_px, skin)
+    def _skin_shade(self, f: _Frame, identity_key: int, mask: np.ndarray) -> np.ndarray:
+        """1 + the identity's skin texture on the face (moved with the head's turn)."""
+        import cv2
 
-        # identity skin texture, moved with the head's turn, only on the face
-        tex = self._texture(identity_key, ident, size)
+        size = f.size
+        tex = self._texture(identity_key, f.ident, size)
         pad = (tex.shape[1] - size) // 2
-        start = pad - min(pad, max(-pad, round(scale * 0.6 * sin_yaw)))
+        start = pad - min(pad, max(-pad, round(f.scale * 0.6 * f.sin_yaw)))
         tex = tex[:, start:start + size]
-        amp = float(ident.texture_amp * (1 + 1.5 * age))
+        amp = float(f.ident.texture_amp * (1 + 1.5 * f.age))
         shade = cv2.multiply(tex, mask, scale=amp, dtype=cv2.CV_32F)
         shade += 1.0
-        return self._photometric(img, shade, nuis, rng), lm_px
+        return shade
 
     # ----------------------------------------------------------------- features
     @staticmethod
