@@ -107,6 +107,8 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m != "srd_unlabelled")
 # the main question first (alone, SRD, its control, the state of the art), costly last
 RUN_ORDER = ("none", "srd", "feature_srd_weight", "adadistill", "ekd", "kd", "feature", "rkd",
              "refilled", "srd_unlabelled", "frskd")
+# FRSKD's self-teacher makes its step ~6x a student's, srd_unlabelled's ~2x (--estimate)
+COSTLY_LAST = ("srd_unlabelled", "frskd")
 LABELS = {"none": "student alone", "feature_srd_weight": "feature at SRD's weight (control)",
           "frskd": "frskd (self-KD, no teacher)", "srd_unlabelled": "srd + unlabelled pool"}
 
@@ -450,18 +452,30 @@ def tune_tasks(method: str) -> tuple[list[Task], list[Task]]:
 
 def plan(methods: list[str], seeds: list[int]) -> list[Task]:
     """Teacher, cache, then per method in ``RUN_ORDER`` its tuning grid, then the test
-    runs seed-major, so a partial run answers the main question (alone vs SRD) first."""
+    runs seed-major, so a partial run answers the main question (alone vs SRD) first.
+    The methods in ``COSTLY_LAST`` come as a second block of the same shape after every
+    other method's test runs, so a partial run has a complete table without them. The
+    order changes no number: every run's seed and setting are fixed by its name."""
     tasks = [Task("teacher", "teacher")]
     if any(needs_teacher(m) for m in methods):
         tasks.append(Task("cache", "cache", needs=("teacher",)))
     ordered = sorted(methods, key=lambda m: RUN_ORDER.index(m) if m in RUN_ORDER else 99)
+    for block in ([m for m in ordered if m not in COSTLY_LAST],
+                  [m for m in ordered if m in COSTLY_LAST]):
+        tasks += _plan_block(block, seeds)
+    return tasks
+
+
+def _plan_block(methods: list[str], seeds: list[int]) -> list[Task]:
+    """The tuning grids of ``methods``, then their test runs seed-major."""
+    tasks: list[Task] = []
     tuning: dict[str, list[str]] = {}
-    for method in ordered:
+    for method in methods:
         weights, temps = tune_tasks(method)
         tasks += weights + temps
         tuning[method] = [t.name for t in weights + temps]
     for seed in seeds:
-        for method in ordered:
+        for method in methods:
             needs = tuple(tuning[method]) or (("cache",) if needs_teacher(method) else ())
             tasks.append(Task(f"{method}/seed{seed}", "test", method, seed, needs))
     return tasks

@@ -57,6 +57,10 @@ def test_plan_tunes_each_method_then_tests_seed_major():
     assert needs["kd/seed1"] == (*(f"tune/kd/{x}" for x in w), "tune/kd/t0.5", "tune/kd/t2")
     # frskd is self-distillation: it never waits for the teacher
     assert bench.plan(["frskd"], [0])[2].needs == ()
+    # the costly methods tune and test after every other method's test runs
+    names = [t.name for t in bench.plan(["none", "frskd", "kd"], [0, 1])]
+    assert names.index("tune/frskd/w1") > names.index("kd/seed1")
+    assert names[-2:] == ["frskd/seed0", "frskd/seed1"]
 
 
 def test_every_method_gets_the_same_grid_on_its_own_main_weight():
