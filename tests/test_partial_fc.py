@@ -53,7 +53,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             pfc = PartialFC(D, C, kind="arcface", margin=0.5, sample_rate=rate, seed=3)
             results = _run(pfc, weight, emb[mine], labels[mine])
             full = pfc.export_state()
-            torch.save({"results": results, "export": full, "start": pfc.class_start},
+            main = pfc.export_state(main_only=True)  # streamed to rank 0 alone
+            torch.save({"results": results, "export": full, "start": pfc.class_start,
+                        "main_only": main},
                        os.path.join(out_dir, f"rate{rate}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -86,6 +88,8 @@ def test_two_processes_equal_one(two_rank_results, sample_rate):
                                    atol=1e-6, rtol=1e-5)
     for r in ranks:  # merged export is the full matrix at any world size
         torch.testing.assert_close(r["export"]["weight"], weight)
+    assert ranks[1]["main_only"] is None
+    assert torch.equal(ranks[0]["main_only"]["weight"], ranks[0]["export"]["weight"])
     assert [r["start"] for r in ranks] == [0, 4]
 
 

@@ -298,6 +298,7 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
             teacher_pass.run(chunks.add_batch, chunks.flush)
             chunks.flush()   # the last, shorter chunk
         barrier(info)
+        _check_chunks_visible(out, chunks_dir, state["chunks"], info)
         if info.is_main:
             _finalise(out, chunks_dir, chunks.np_dtype, settings,
                       getattr(teacher, "centres", None),
@@ -310,6 +311,36 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
         if owns_group:
             shutdown(info)
     return out
+
+
+def _check_chunks_visible(out: Path, chunks_dir: Path, chunks: int, info: Any) -> None:
+    """Rank 0 merges every rank's chunks: on several nodes they must all reach it.
+
+    A node writing ``OUT`` to a local disk gave a "complete" cache missing that node's
+    samples (training then failed on a missing key). Every rank reports its chunk count;
+    rank 0 checks the files and every rank raises the same one-line error if any is
+    missing.
+    """
+    if not info.enabled:
+        return
+    from facekd.train.ddp import broadcast_object, gather_objects
+
+    counts = gather_objects(int(chunks), info)
+    missing = None
+    if info.is_main:
+        for rank, count in enumerate(counts):
+            for index in range(count):
+                name = chunks_dir / f"chunk-r{rank}-{index:06d}.npz"
+                if not name.is_file():
+                    missing = (rank, str(name))
+                    break
+            if missing:
+                break
+    missing = broadcast_object(missing, info)
+    if missing is not None:
+        raise ConfigError(f"{out}: rank 0 cannot see {missing[1]} written by rank "
+                          f"{missing[0]}; on several nodes the cache folder must be on a "
+                          "filesystem every node shares")
 
 
 def _finalise(out: Path, chunks_dir: Path, np_dtype: type, settings: dict[str, Any],

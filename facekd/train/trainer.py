@@ -439,9 +439,53 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_mode.scaler)
 
     # ------------------------------------------------------------------ state
-    def _head_state(self) -> dict[str, Any]:
-        """The full head (all class centres), whatever the world size (collective)."""
-        return self.head.export_state()
+    def _head_state(self) -> dict[str, Any] | None:
+        """The full head (all class centres), whatever the world size (collective): on
+        rank 0 only (Partial FC rows stream to it shard by shard), None elsewhere."""
+        if self.partial_fc:
+            return self.head.export_state(main_only=True)
+        return self.head.export_state() if self.dist.is_main else None
+
+    def _merged_head_slots(self, local: dict[int, dict[str, Any]]) -> dict[int, Any] | None:
+        """The head's optimiser slots as world-size-independent merged tensors (collective).
+
+        Partial FC slots (SGD momentum, Adam moments) have one row per local class; they
+        are gathered to rank 0 into full ``num_classes``-row tensors, like the weight, so
+        a resume at any world size slices its own rows (they used to restart when the
+        world size changed). Scalars (Adam's step) and replicated heads' slots: rank 0's.
+        """
+        from facekd.models.partial_fc import gather_rows_to_main
+
+        merged: dict[int, dict[str, Any]] = {}
+        for index in sorted(local):
+            slots: dict[str, Any] = {}
+            for name in sorted(local[index]):
+                value = local[index][name]
+                rows = (self.partial_fc and isinstance(value, torch.Tensor) and value.ndim >= 1
+                        and value.shape[0] == self.head.num_local)
+                if rows:
+                    slots[name] = gather_rows_to_main(value, self.num_classes)
+                elif isinstance(value, torch.Tensor):
+                    slots[name] = value.detach().cpu().clone()
+                else:
+                    slots[name] = value
+            merged[index] = slots
+        return merged if self.dist.is_main else None
+
+    def _local_head_slots(self, merged: dict[int, Any]) -> dict[int, dict[str, Any]]:
+        """This rank's share of :meth:`_merged_head_slots` (rows sliced, then copied)."""
+        out: dict[int, dict[str, Any]] = {}
+        for index, slots in merged.items():
+            mine: dict[str, Any] = {}
+            for name, value in slots.items():
+                if isinstance(value, torch.Tensor):
+                    if (self.partial_fc and value.ndim >= 1
+                            and value.shape[0] == self.num_classes):
+                        value = self.head.local_rows(value)
+                    value = value.clone()  # off the checkpoint's memory map
+                mine[name] = value
+            out[int(index)] = mine
+        return out
 
     def _load_head_state(self, state: dict[str, Any], source: str) -> None:
         load = getattr(self.head, "load_export_state", None)
@@ -467,18 +511,23 @@ class Trainer:
         opt_state = {"state": {k: v for k, v in opt_state["state"].items()
                                if k not in self.head_index},
                      "param_groups": opt_state["param_groups"]}
+        head_optimizer = self._merged_head_slots(head_slots)  # collective
         unl = self.unlabelled_iter
         per_rank = gather_objects({"rng": ckpt.capture_rng(self.device),
                                    "loader": self.loader.state_dict(),
                                    "unlabelled_loader": (self.unlabelled_loader.state_dict()
                                                          if self.unlabelled_loader else None),
-                                   "unlabelled_epoch": unl.epoch if unl is not None else 0,
-                                   "head_slots": head_slots},
+                                   "unlabelled_epoch": unl.epoch if unl is not None else 0},
                                   self.dist)
         if not self.dist.is_main:
             return None
+        r = self.recipe
         return {
             "epoch": epoch, "in_epoch": in_epoch, "world_size": self.dist.world_size,
+            "global_batch": r.data.batch_size * self.dist.world_size,
+            "unlabelled_global_batch": (self._unlabelled_batch() * self.dist.world_size
+                                        if self.unlabelled_loader is not None else None),
+            "head_optimizer": head_optimizer,
             "student": _unwrap(self.student_ddp).state_dict(),
             "head": head_state,
             "method": self.method.state_dict(),
@@ -498,9 +547,52 @@ class Trainer:
             log.info("checkpoint %s", path)
         barrier(self.dist)
 
+    def _unlabelled_batch(self) -> int:
+        r = self.recipe
+        return r.data.unlabelled_batch_size or r.data.batch_size
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        """Rank 0's latest checkpoint, checked to be readable by every rank.
+
+        Rank 0 writes the checkpoints; on several nodes ``run.output`` must be a folder
+        every node sees. Each rank deciding alone let a node with a local folder start
+        from step 0 while the others resumed (a hang or silently mixed states).
+        """
+        from facekd.train.ddp import broadcast_object
+
+        latest = ckpt.latest_checkpoint(self.out) if self.dist.is_main else None
+        name = broadcast_object(str(latest) if latest is not None else None, self.dist)
+        if not self.dist.enabled:
+            return latest
+        path = Path(name) if name is not None else None
+        seen = gather_objects(path is None or path.is_file(), self.dist)
+        blind = [rank for rank, ok in enumerate(seen) if not ok]
+        if blind:
+            raise ConfigError(f"run.output {self.out}: rank {blind[0]} cannot read "
+                              f"{path} that rank 0 found; on several nodes run.output "
+                              "must be on a filesystem every node shares")
+        return path
+
+    @staticmethod
+    def _reposition_loader(saved: dict[str, Any], fresh: dict[str, Any],
+                           batches: int) -> dict[str, Any]:
+        """A loader state saved at another world size, moved to batch ``batches`` of this
+        rank's split. Exact because the loader deals the epoch permutation round-robin
+        (``perm[rank::world]``): after j batches per rank, every world size with the same
+        global batch has consumed the same prefix ``perm[:j * global_batch]``."""
+        state = dict(saved)
+        for key in ("rank", "world_size", "batch_size"):
+            if key in fresh:
+                state[key] = fresh[key]
+        for key in ("batches_done", "position"):   # facekd's loader / stand-ins
+            if key in state:
+                state[key] = batches
+        return state
+
     def try_resume(self) -> tuple[int, int, bool]:
         """Load the latest checkpoint of the run folder: (step, epoch, mid_epoch)."""
-        path = ckpt.latest_checkpoint(self.out)
+        path = self._find_resume_checkpoint()
+        self.resume_saved_step = 0
         if not self.recipe.run.resume:
             if path is not None:
                 raise ConfigError(f"run.output {self.out} already has checkpoints (latest "
@@ -509,7 +601,7 @@ class Trainer:
             return 0, 0, False
         if path is None:
             return 0, 0, False
-        state = ckpt.load_state(path)  # to the host: RNG states must be CPU tensors
+        state = ckpt.load_state(path)  # to the host (memory-mapped): RNG states on the CPU
         if state.get("arch") != self.recipe.student.arch:
             from facekd.errors import CheckpointError
 
@@ -521,24 +613,35 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         saved_opt = state["optimizer"]
         ranks = state["ranks"]
-        same_world = state["world_size"] == self.dist.world_size
-        slots = dict(saved_opt["state"])
-        if same_world:
-            slots.update(ranks[self.dist.rank]["head_slots"])
-        elif not self.partial_fc and ranks[0]["head_slots"]:
+        saved_world = int(state["world_size"])
+        same_world = saved_world == self.dist.world_size
+        slots = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v
+                     for n, v in slot.items()} for k, slot in saved_opt["state"].items()}
+        if state.get("head_optimizer") is not None:   # merged rows: any world size
+            slots.update(self._local_head_slots(state["head_optimizer"]))
+        elif same_world:                               # older checkpoints: per-rank slots
+            slots.update(ranks[self.dist.rank].get("head_slots", {}))
+        elif not self.partial_fc and ranks[0].get("head_slots"):
             slots.update(ranks[0]["head_slots"])  # a full head: rank 0 held all of it
         else:
-            log.warning("world size changed (%d -> %d): the head's optimiser slots restart",
-                        state["world_size"], self.dist.world_size)
+            log.warning("world size changed (%d -> %d) on a checkpoint without merged head "
+                        "optimiser slots: they restart", saved_world, self.dist.world_size)
         self.optimizer.load_state_dict({"state": slots,
                                         "param_groups": saved_opt["param_groups"]})
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         step, epoch = int(state["step"]), int(state["epoch"])
-        mid_epoch = bool(state["in_epoch"])
+        self.resume_saved_step = step
+        in_epoch = int(state["in_epoch"])
+        mid_epoch = bool(in_epoch)
+        r = self.recipe
+        saved_loader = ranks[0].get("loader") or {}
+        saved_gb = int(state.get("global_batch") or
+                       int(saved_loader.get("batch_size", r.data.batch_size)) * saved_world)
+        gb = r.data.batch_size * self.dist.world_size
         self.unlabelled_state = None
-        if same_world:
+        if same_world and saved_gb == gb:
             mine = ranks[self.dist.rank]
             ckpt.restore_rng(mine["rng"], self.device)
             if mid_epoch:
@@ -547,19 +650,57 @@ class Trainer:
                 self.unlabelled_loader.load_state_dict(mine["unlabelled_loader"])
                 self.unlabelled_state = int(mine["unlabelled_epoch"])
         else:
-            # Another world size: shards of the data differ, so the epoch's position
-            # cannot be carried over sample-exactly. Continue at the next epoch boundary
-            # with the saved step (the schedule is a function of it) and fresh RNG.
+            # Another layout. The epoch's samples in global order are perm[0:N] at any
+            # world size: continue after the consumed prefix (in_epoch x the old global
+            # batch), which is exact when the new global batch divides it. The step
+            # counter and the schedule are re-indexed when the global batch changed, so
+            # the run still ends after optim.epochs epochs. Per-rank RNG streams cannot be
+            # carried over: fresh ones.
             ckpt.seed_everything(self.seed + 1_000_003 * step + self.dist.rank)
+            consumed = in_epoch * saved_gb
+            position = consumed // gb
+            if position >= self.steps_per_epoch:   # the saved epoch is done in this layout
+                epoch, position, consumed = epoch + 1, 0, 0
+            if consumed != position * gb:
+                log.warning("resuming at global batch %d (saved at %d): epoch %d continues "
+                            "at sample %d, %d samples of the previous batch are seen again",
+                            gb, saved_gb, epoch, position * gb, consumed - position * gb)
+            new_step = step if saved_gb == gb else epoch * self.steps_per_epoch + position
+            say = log.info if saved_gb == gb else log.warning   # same global batch: exact
+            say("resuming a run saved at world size %d (global batch %d) on %d "
+                        "processes (global batch %d): epoch %d, batch %d of %d, step %d -> "
+                        "%d", saved_world, saved_gb, self.dist.world_size, gb, epoch,
+                        position, self.steps_per_epoch, step, new_step)
+            if new_step != step:
+                self.schedule.step_index = new_step
+                self.schedule._apply()
+            step = new_step
+            mid_epoch = position > 0
             if mid_epoch:
-                log.warning("resuming a run saved at world size %d on %d processes: "
-                            "continuing at the start of epoch %d", state["world_size"],
-                            self.dist.world_size, epoch + 1)
-                epoch += 1
-                mid_epoch = False
+                self.loader.load_state_dict(self._reposition_loader(
+                    saved_loader, self.loader.state_dict(), position))
+            self._resume_unlabelled(state, ranks)
         log.info("resumed from %s at step %d (epoch %d)", path, step, epoch)
         self.resumed_from = str(path)
         return step, epoch, mid_epoch
+
+    def _resume_unlabelled(self, state: dict[str, Any], ranks: list[dict[str, Any]]) -> None:
+        """The unlabelled source's position at another world size (same rule as above)."""
+        saved = ranks[0].get("unlabelled_loader")
+        if self.unlabelled_loader is None or saved is None:
+            return
+        saved_gb = state.get("unlabelled_global_batch")
+        gb = self._unlabelled_batch() * self.dist.world_size
+        done = int(saved.get("batches_done", saved.get("position", 0)))
+        if saved_gb is None or (done * int(saved_gb)) % gb:
+            log.warning("data.unlabelled: its epoch %d restarts (global batch changed)",
+                        int(ranks[0]["unlabelled_epoch"]))
+            done = 0
+        else:
+            done = done * int(saved_gb) // gb
+        self.unlabelled_loader.load_state_dict(self._reposition_loader(
+            saved, self.unlabelled_loader.state_dict(), done))
+        self.unlabelled_state = int(ranks[0]["unlabelled_epoch"])
 
     # ------------------------------------------------------------------ one step
     def teacher_output(self, images: torch.Tensor, keys: torch.Tensor, flipped: torch.Tensor,
@@ -696,8 +837,8 @@ class Trainer:
         stop_at = self.total_steps if r.run.max_steps is None \
             else min(self.total_steps, r.run.max_steps)
         metrics = MetricsLog(self.out, r.run.tensorboard) if self.dist.is_main else None
-        if metrics is not None:
-            metrics.drop_after(step)
+        if metrics is not None:  # the checkpoint's own step numbering (it may be re-indexed)
+            metrics.drop_after(self.resume_saved_step)
         global_batch = r.data.batch_size * self.dist.world_size
         bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True,
                    desc="distill", disable=not (r.run.progress and self.dist.is_main))
