@@ -177,3 +177,18 @@ def test_two_nodes_train_like_one_process_and_resume_on_one_and_three(caches):
     with open(halved / "metrics.csv", newline="") as f:
         steps = [int(float(row["step"])) for row in csv.DictReader(f)]
     assert steps[:2] == [15, 16] and steps[-1] == 40
+
+
+def test_collective_timeout_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from facekd.errors import ConfigError
+    from facekd.train.ddp import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, dist_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert dist_timeout() == timedelta(seconds=DEFAULT_TIMEOUT_S)
+    monkeypatch.setenv(TIMEOUT_ENV, "7200")
+    assert dist_timeout() == timedelta(hours=2)
+    monkeypatch.setenv(TIMEOUT_ENV, "0")
+    with pytest.raises(ConfigError, match=TIMEOUT_ENV):
+        dist_timeout()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -45,6 +46,24 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+TIMEOUT_ENV = "FACEKD_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 3600
+
+
+def dist_timeout() -> timedelta:
+    """How long a collective may wait (``FACEKD_DIST_TIMEOUT`` seconds, default 1 hour).
+
+    Ranks wait at a barrier while rank 0 alone writes a checkpoint or merges the teacher
+    cache; at WebFace42M size those take minutes, and NCCL's own default (10 minutes)
+    then killed every other rank of a healthy job.
+    """
+    seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    if seconds <= 0:
+        raise ConfigError(f"environment variable {TIMEOUT_ENV}={seconds} must be positive "
+                          "(seconds)")
+    return timedelta(seconds=seconds)
+
+
 def init_distributed(device_choice: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group described by torchrun's variables (no-op when WORLD_SIZE<=1)."""
     world_size = _env_int("WORLD_SIZE", 1)
@@ -63,7 +82,8 @@ def init_distributed(device_choice: str = "auto") -> tuple[DistInfo, torch.devic
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            timeout=dist_timeout())
     return DistInfo(rank, world_size, local_rank, backend), device
 
 
