@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "p5_ijb_scoring": "P5 IJB-C-size scoring vs the reference algorithm",
     "p6_latency": "P6 batch-1 latency: ONNX FP32/FP16/INT8 vs torch eager",
     "p7_conversion_rss": "P7 peak RSS of conversions vs dataset size",
+    "scale": "rec2shards, info, loader start-up, teacher cache at 1M-10M records (~25 min)",
     "p8_edge": "P8 batch-1 latency: ONNX Runtime vs NCNN vs LiteRT, FP32/FP16/INT8",
     "distill_losses": "cost of each distillation loss next to a student step",
     "synth_speed": "synthetic face generator throughput",
