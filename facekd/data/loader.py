@@ -107,13 +107,32 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed % (1 << 63), epoch, stream]))
 
 
+_DRAW_ROWS = 1 << 20  # flips drawn a block at a time: no float64 array of every sample
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    return _rng(seed, epoch, 0).permutation(num_samples)
+    """The epoch's order of all samples, ``Generator.permutation(num_samples)`` exactly.
+
+    Held as int32 below 2**31 samples: a shuffle's draws do not depend on the array's
+    dtype, so the order is the same, at half the memory every rank and worker pays.
+    """
+    order = np.arange(num_samples, dtype=np.int32 if num_samples < 2**31 else np.int64)
+    _rng(seed, epoch, 0).shuffle(order)
+    return order
 
 
 def epoch_flips(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """Per-sample flip decision of an epoch (independent of ranks and workers)."""
-    return _rng(seed, epoch, 1).random(num_samples) < 0.5
+    """Per-sample flip decision of an epoch (independent of ranks and workers).
+
+    ``Generator.random(num_samples) < 0.5`` drawn in blocks (the same stream of doubles),
+    so a 42M-sample epoch needs no 340 MB float array.
+    """
+    rng = _rng(seed, epoch, 1)
+    flips = np.empty(num_samples, bool)
+    for lo in range(0, num_samples, _DRAW_ROWS):
+        hi = min(lo + _DRAW_ROWS, num_samples)
+        flips[lo:hi] = rng.random(hi - lo) < 0.5
+    return flips
 
 
 def rank_indices(num_samples: int, seed: int, epoch: int, rank: int, world_size: int
@@ -221,8 +240,13 @@ class _BatchStream:
         if self._plan_key != (seed, epoch):
             n = len(self.source)
             if self.images_per_identity == 1:
+                self._plan = None  # the old epoch's plan goes before the new one is built
                 mine = rank_indices(n, seed, epoch, self.rank, self.world_size)
-                flips = epoch_flips(n, seed, epoch) if self.flip else np.zeros(n, bool)
+                if self.world_size > 1:
+                    mine = mine.copy()  # not a view keeping every rank's rows alive
+                # this rank's flips only, in its row order (flips[mine] of the whole epoch)
+                flips = epoch_flips(n, seed, epoch)[mine] if self.flip \
+                    else np.zeros(len(mine), bool)
                 self._plan = (mine, flips)
             else:
                 chunks, chunk_flips = identity_chunks(self.source.labels,
@@ -236,8 +260,8 @@ class _BatchStream:
         """Sample rows and flips of batch ``j`` of this rank in ``epoch``."""
         if self.images_per_identity == 1:
             mine, flips = self._epoch_plan(seed, epoch)
-            rows = mine[j * self.batch_size:(j + 1) * self.batch_size]
-            return rows, flips[rows]
+            batch = slice(j * self.batch_size, (j + 1) * self.batch_size)
+            return mine[batch], flips[batch]
         chunks, chunk_flips = self._epoch_plan(seed, epoch)
         per_batch = self.batch_size // self.images_per_identity
         rows = chunks[j * per_batch:(j + 1) * per_batch].reshape(-1)
