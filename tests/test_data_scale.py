@@ -125,3 +125,71 @@ def test_block_checks_name_the_row_in_a_later_block(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"row 5 \(key 6\): label outside \[-1, 100\)"):
         load_shards_meta(tmp_path / "e")
 
+
+# --------------------------------------------------------------------------------------
+# the .rec index of a conversion: streamed, spilled to an unnamed mapped file, no key array
+
+
+def _rec(folder: Path, n: int, num_classes: int) -> Path:
+    import cv2
+
+    from facekd.data.recordio import write_insightface_dataset
+
+    jpeg = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+    write_insightface_dataset(folder, ((i * num_classes // n, jpeg) for i in range(n)),
+                              num_classes=num_classes)
+    return folder
+
+
+def test_idx_parsed_in_blocks_and_spilled_gives_the_same_index(tmp_path, monkeypatch):
+    from facekd.data import recordio
+
+    folder = _rec(tmp_path / "rec", 300, 30)
+    whole = recordio.parse_idx(folder / "train.idx")
+    monkeypatch.setattr(recordio, "_IDX_BLOCK", 64)  # lines cut across many blocks
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    for spill_dir in (None, spill):
+        keys, offsets = recordio.parse_idx(folder / "train.idx", spill_dir)
+        assert np.array_equal(keys, whole[0]) and np.array_equal(offsets, whole[1])
+    assert isinstance(keys, np.memmap) and not list(spill.iterdir())  # the file has no name
+    (tmp_path / "bad.idx").write_bytes((folder / "train.idx").read_bytes() + b"7\tx\n")
+    with pytest.raises(DataError, match=r"line 332 is not 'key<TAB>offset'"):
+        recordio.parse_idx(tmp_path / "bad.idx", spill)
+    (tmp_path / "blank.idx").write_bytes(b"\n\n")
+    assert len(recordio.parse_idx(tmp_path / "blank.idx")[0]) == 0
+
+
+def test_conversion_source_keeps_no_key_array_and_reads_the_same(tmp_path):
+    from facekd.data.recordio import open_rec
+    from facekd.data.shards import RecSamples
+
+    folder = _rec(tmp_path / "rec", 200, 20)
+    reader = open_rec(folder)
+    samples = RecSamples(folder, spill_dir=tmp_path)
+    assert samples.keys is None and len(samples) == 200
+    assert reader.image_key_range() == (1, 201) and reader.num_classes == 20
+    assert [samples.key_of(i) for i in (0, 199)] == [1, 200]
+    with pytest.raises(IndexError):
+        samples.get(200)
+    block = samples.block(190, 210, False, [])
+    assert block.keys.tolist() == list(range(191, 201))
+    assert block.labels.tolist() == [reader.label_of(k) for k in range(191, 201)]
+    assert bytes(block.payloads[0]) == reader.read_image(191)[2]
+    samples.release()
+    assert reader.identity_keys().tolist() == list(range(201, 221))
+    assert reader.identities()[0].tolist() == [1, 11]
+
+
+def test_rec2shards_with_the_spilled_index_gives_the_same_shards(tmp_path):
+    from facekd.data.shards import rec2shards, write_shards
+    from facekd.data.shards.sources import RecSamples
+
+    folder = _rec(tmp_path / "rec", 120, 12)
+    rec2shards(folder, tmp_path / "a", shard_size=50, workers=2)
+    write_shards(RecSamples(folder), tmp_path / "b", shard_size=50, workers=1)
+    for name in ("shard-000000.tar", "shard-000002.tar", "manifest.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(DataError):
+        rec2shards(tmp_path / "missing", tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # a bad source leaves no output folder

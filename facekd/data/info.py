@@ -73,7 +73,12 @@ def dataset_info(source: str | os.PathLike, out: str | os.PathLike | None = None
         labels, flags = shards.labels, None
         num_classes = shards.num_classes
         sampled = _sample(len(shards), sample_images)
-        payloads = [shards.read(i) for i in sampled]
+        payloads = []
+        for n, i in enumerate(sampled):
+            payloads.append(shards.read(i))
+            if n % _RELEASE_EVERY == _RELEASE_EVERY - 1:
+                shards.close()  # see _rec_summary
+        shards.close()
         summary: dict[str, Any] = {"source": str(source), "kind": "shards",
                                    "shards": len(shards.shard_names), "records": len(shards)}
     else:
@@ -122,6 +127,9 @@ def dataset_info(source: str | os.PathLike, out: str | os.PathLike | None = None
     return summary
 
 
+_RELEASE_EVERY = 16  # sampled images read between page releases
+
+
 def _sample(total: int, count: int) -> list[int]:
     if total == 0 or count <= 0:
         return []
@@ -157,7 +165,14 @@ def _rec_summary(source: Path, sample_images: int
     if warnings:
         summary["warnings"] = warnings
     sampled = _sample(len(keys), sample_images)
-    payloads = [reader[int(keys[i])][1] for i in sampled]
+    payloads = []
+    for n, i in enumerate(sampled):
+        payloads.append(reader[int(keys[i])][1])
+        if n % _RELEASE_EVERY == _RELEASE_EVERY - 1:
+            # each read maps up to a few MB around it (page-cache folios): 2,000 samples
+            # spread over a large file would otherwise map most of it into RSS
+            reader.release()
+    reader.release()
     return summary, labels, flags, num_classes, payloads
 
 

@@ -7,7 +7,6 @@ A source has ``len``, ``get(index) -> (key, label, flag, bytes, ext)``, ``key_of
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,17 +54,28 @@ _EXT_BYTES = {"jpg": b"jpg", "png": b"png"}
 
 
 class RecSamples:
-    """Images of a ``.rec`` dataset, addressed by position in ``image_keys()``."""
+    """Images of a ``.rec`` dataset, addressed by position in ``image_keys()``.
+
+    Holds no per-record array of its own where it can help it: insightface's image keys
+    are a range (kept as its first key and count), and with ``spill_dir`` the reader's
+    index is a memory-mapped scratch file there whose pages are dropped after use, so a
+    conversion's memory stays flat however many records the ``.rec`` has.
+    """
 
     kind = "rec"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, spill_dir: str | os.PathLike | None = None
+                 ) -> None:
         from facekd.data.recordio import open_rec
 
         self.path = str(path)
-        self.reader = open_rec(path)
-        self.keys = self.reader.image_keys()
-        self._key_list = memoryview(self.keys)  # Python ints on indexing
+        self.reader = open_rec(path, spill_dir=spill_dir)
+        span = self.reader.image_key_range()
+        # keys: an array for a plain layout; None when they are the range first..first+n
+        self.keys: np.ndarray | None = None if span else self.reader.image_keys()
+        self._first = span[0] if span else 0
+        self._count = span[1] - span[0] if span else len(self.keys)
+        self._key_list: Any = None if span else memoryview(self.keys)  # Python ints
         self._num_classes: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -75,10 +85,25 @@ class RecSamples:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._key_list = memoryview(self.keys)
+        if self.keys is not None:
+            self._key_list = memoryview(self.keys)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._count
+
+    def _key(self, index: int) -> int:
+        if self._key_list is None:
+            if not 0 <= index < self._count:
+                raise IndexError(index)
+            return self._first + index
+        return self._key_list[index]
+
+    def _keys(self, start: int, stop: int) -> np.ndarray:
+        if self.keys is None:
+            stop = min(stop, self._count)
+            return np.arange(self._first + start, self._first + max(stop, start),
+                             dtype=np.int64)
+        return np.asarray(self.keys[start:stop])
 
     @property
     def num_classes(self) -> int:
@@ -93,12 +118,12 @@ class RecSamples:
 
     def get(self, index: int) -> tuple[int, int, int, bytes, str]:
         """``(key, label, flag, image bytes, ext)`` of sample ``index``."""
-        key = self._key_list[index]
+        key = self._key(index)
         flag, label, payload = self.reader.read_image(key)
         return key, label, flag, payload, check_image_bytes(payload, self.reader.rec_path, key)
 
     def key_of(self, index: int) -> int:
-        return int(self.keys[index])
+        return int(self._key(index))
 
     def block(self, start: int, stop: int, skip_bad: bool, bad: list[tuple[int, str]]
               ) -> SampleBlock:
@@ -109,7 +134,7 @@ class RecSamples:
         a JPEG end marker not in the last two bytes or a PNG ``IEND`` not in the last
         chunk) take :meth:`get`, which gives the same bytes or raises the same error.
         """
-        keys = self.keys[start:stop]
+        keys = self._keys(start, stop)
         try:
             starts, ends, flags, labels, fast = self.reader.image_spans(keys)
         except DataError:  # a key missing from the .idx: let get() name it (or skip it)
@@ -154,10 +179,9 @@ class RecSamples:
                            [p for p, k in zip(payloads, keep.tolist(), strict=True) if k])
 
     def release(self) -> None:
-        """Drop this process's mapped pages of the ``.rec`` (keeps RSS flat)."""
-        mm = getattr(self.reader, "_mm", None)
-        if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
+        """Drop this process's mapped pages of the ``.rec`` and of a spilled index
+        (keeps RSS flat)."""
+        self.reader.release()
 
     def describe(self) -> dict[str, Any]:
         return {"source": str(Path(self.path).resolve()), "source_kind": "rec",

@@ -179,7 +179,22 @@ def write_shards(source: Any, out: str | os.PathLike, *, shard_size: int = 10000
 def rec2shards(source: str | os.PathLike, out: str | os.PathLike, *, shard_size: int = 10000,
                workers: int = 2, verify: bool = False, skip_bad: bool = False
                ) -> dict[str, Any]:
-    """``.rec`` dataset (folder or file) -> WebDataset tar shards + manifest + dataset.json."""
-    return write_shards(RecSamples(source), out, shard_size=shard_size, workers=workers,
-                        verify=verify, skip_bad=skip_bad)
+    """``.rec`` dataset (folder or file) -> WebDataset tar shards + manifest + dataset.json.
+
+    The ``.rec``'s index is spilled to an unnamed scratch file in the output's parts
+    folder (page cache, not process memory), so the conversion's peak RSS does not grow
+    with the record count (bench/scale.py).
+    """
+    existed = Path(out).exists()
+    spill = make_dirs(Path(out) / PARTS_DIR)
+    try:
+        samples = RecSamples(source, spill_dir=spill)
+    except BaseException:
+        if not existed:  # a bad source leaves no output folder behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return write_shards(samples, out, shard_size=shard_size, workers=workers, verify=verify,
+                        skip_bad=skip_bad)
 
