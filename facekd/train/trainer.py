@@ -125,6 +125,72 @@ class _Cycle:
                           "(fewer samples than one batch?)")
 
 
+class _LoopReport:
+    """What the training loop reports: the progress bar, a log line and a metrics row
+    every ``run.log_every`` steps (and the last; images/s over the steps since the
+    previous one), a warning when non-finite steps were skipped, evaluation rows."""
+
+    def __init__(self, trainer: Trainer, step: int, stop_at: int, global_batch: int) -> None:
+        from tqdm import tqdm
+
+        r = trainer.recipe
+        self.trainer, self.stop_at, self.global_batch = trainer, stop_at, global_batch
+        self.log_every = r.run.log_every
+        self.metrics = MetricsLog(trainer.out, r.run.tensorboard) if trainer.dist.is_main \
+            else None
+        if self.metrics is not None:  # the checkpoint's own step numbering (it may be
+            self.metrics.drop_after(trainer.resume_saved_step)   # re-indexed on resume)
+        self.bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True,
+                        desc="distill", disable=not (r.run.progress and trainer.dist.is_main))
+        self.skipped_logged = int(trainer.skipped_steps.item())
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def step(self, step: int, epoch: int, values: dict[str, Any]) -> None:
+        """Count step ``step`` (losses ``values``); log it when it is a logging step."""
+        self.window_steps += 1
+        if step % self.log_every == 0 or step == self.stop_at:
+            self._log(step, epoch, values)
+        self.bar.update(1)
+
+    def _log(self, step: int, epoch: int, values: dict[str, Any]) -> None:
+        t = self.trainer
+        elapsed = time.perf_counter() - self.window_start
+        ips = self.window_steps * self.global_batch / max(elapsed, 1e-9)
+        logged = {f"loss/{k}": mean_scalar(float(v), t.dist, t.device)
+                  for k, v in values.items() if k != "grad_norm"}
+        logged.update({"lr": t.schedule.get_last_lr()[0], "epoch": epoch,
+                       "images_per_s": ips,
+                       "grad_norm": float(values["grad_norm"]),
+                       "skipped_steps": int(t.skipped_steps.item())})
+        if t.scaler.is_enabled():  # fp16's "scale stuck at 0" shows here
+            logged["amp_scale"] = float(t.scaler.get_scale())
+        if logged["skipped_steps"] > self.skipped_logged:
+            log.warning("step %d: %d step(s) skipped so far for a non-finite "
+                        "loss or gradient", step, logged["skipped_steps"])
+            self.skipped_logged = logged["skipped_steps"]
+        if self.metrics is not None:
+            self.metrics.add(step, logged)
+            log.info("step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s", step,
+                     t.total_steps, epoch, logged["loss/loss"], logged["lr"], ips)
+        self.bar.set_postfix(loss=f"{logged['loss/loss']:.3f}", img_s=f"{ips:.0f}")
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The trainer's verification at ``step``, its results added to the metrics."""
+        results = self.trainer.evaluate(step)
+        if self.metrics is not None and results:
+            self.metrics.add(step, results)
+        return results
+
+    def flush(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush()
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
 class Trainer:
     """One training run; ``Trainer(recipe).run()`` returns the run folder.
 
@@ -827,8 +893,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
         r = self.recipe
         self.resumed_from = None
         self.unlabelled_state = None
@@ -836,22 +900,12 @@ class Trainer:
         start_step = step
         stop_at = self.total_steps if r.run.max_steps is None \
             else min(self.total_steps, r.run.max_steps)
-        metrics = MetricsLog(self.out, r.run.tensorboard) if self.dist.is_main else None
-        if metrics is not None:  # the checkpoint's own step numbering (it may be re-indexed)
-            metrics.drop_after(self.resume_saved_step)
         global_batch = r.data.batch_size * self.dist.world_size
-        bar = tqdm(total=stop_at, initial=step, unit="step", dynamic_ncols=True,
-                   desc="distill", disable=not (r.run.progress and self.dist.is_main))
-        if self.unlabelled_loader is not None:
-            resumed = self.unlabelled_state is not None
-            self.unlabelled_iter = _Cycle(self.unlabelled_loader,
-                                          self.unlabelled_state if resumed else epoch,
-                                          mid_epoch=resumed)
+        report = _LoopReport(self, step, stop_at, global_batch)
+        self._start_unlabelled(epoch)
         last: dict[str, Any] = {}
-        skipped_logged = int(self.skipped_steps.item())
         eval_results: dict[str, float] = {}
         eval_step = -1
-        window_start, window_steps = time.perf_counter(), 0
         t_start = time.perf_counter()
         self.student_ddp.train()
         self.head.train()
@@ -867,43 +921,15 @@ class Trainer:
             finished_epoch = True
             for batch in self.loader:
                 unl = next(self.unlabelled_iter) if self.unlabelled_iter is not None else None
-                values = self.train_step(batch, unl)
+                last = self.train_step(batch, unl)
                 step += 1
                 in_epoch += 1
-                window_steps += 1
-                last = values
-                if step % r.run.log_every == 0 or step == stop_at:
-                    elapsed = time.perf_counter() - window_start
-                    ips = window_steps * global_batch / max(elapsed, 1e-9)
-                    logged = {f"loss/{k}": mean_scalar(float(v), self.dist, self.device)
-                              for k, v in values.items() if k != "grad_norm"}
-                    logged.update({"lr": self.schedule.get_last_lr()[0], "epoch": epoch,
-                                   "images_per_s": ips,
-                                   "grad_norm": float(values["grad_norm"]),
-                                   "skipped_steps": int(self.skipped_steps.item())})
-                    if self.scaler.is_enabled():  # fp16's "scale stuck at 0" shows here
-                        logged["amp_scale"] = float(self.scaler.get_scale())
-                    if logged["skipped_steps"] > skipped_logged:
-                        log.warning("step %d: %d step(s) skipped so far for a non-finite "
-                                    "loss or gradient", step, logged["skipped_steps"])
-                        skipped_logged = logged["skipped_steps"]
-                    if metrics is not None:
-                        metrics.add(step, logged)
-                        log.info("step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s", step,
-                                 self.total_steps, epoch, logged["loss/loss"], logged["lr"],
-                                 ips)
-                    bar.set_postfix(loss=f"{logged['loss/loss']:.3f}", img_s=f"{ips:.0f}")
-                    window_start, window_steps = time.perf_counter(), 0
-                bar.update(1)
+                report.step(step, epoch, last)
                 if r.run.eval_every and step % r.run.eval_every == 0:
-                    eval_results = self.evaluate(step)
-                    eval_step = step
-                    if metrics is not None and eval_results:
-                        metrics.add(step, eval_results)
+                    eval_results, eval_step = report.evaluate(step), step
                 if r.run.save_every and step % r.run.save_every == 0 and step < stop_at:
                     self.save(step, epoch, in_epoch)
-                    if metrics is not None:
-                        metrics.flush()
+                    report.flush()
                 if step >= stop_at:
                     finished_epoch = in_epoch >= self.steps_per_epoch
                     break
@@ -911,24 +937,26 @@ class Trainer:
                 epoch += 1
                 in_epoch = 0
                 if not r.run.eval_every and r.data.val_bins:
-                    eval_results = self.evaluate(step)
-                    eval_step = step
-                    if metrics is not None and eval_results:
-                        metrics.add(step, eval_results)
-        bar.close()
+                    eval_results, eval_step = report.evaluate(step), step
+        report.bar.close()
         if r.data.val_bins and eval_step != step:   # the final student is always verified
-            eval_results = self.evaluate(step)
-            if metrics is not None and eval_results:
-                metrics.add(step, eval_results)
+            eval_results = report.evaluate(step)
         self.save(step, epoch, in_epoch if step % self.steps_per_epoch else 0)
-        if metrics is not None:
-            metrics.close()
+        report.close()
         elapsed = time.perf_counter() - t_start
         return {"step": step, "epoch": epoch, "start_step": start_step,
                 "last_losses": {k: float(v) for k, v in last.items()}, "eval": eval_results,
                 "skipped_steps": int(self.skipped_steps.item()),
                 "train_seconds": elapsed,
                 "images_per_s": (step - start_step) * global_batch / max(elapsed, 1e-9)}
+
+    def _start_unlabelled(self, epoch: int) -> None:
+        """The endless unlabelled stream, at its saved position after a resume."""
+        if self.unlabelled_loader is not None:
+            resumed = self.unlabelled_state is not None
+            self.unlabelled_iter = _Cycle(self.unlabelled_loader,
+                                          self.unlabelled_state if resumed else epoch,
+                                          mid_epoch=resumed)
 
     def finish(self, result: dict[str, Any]) -> None:
         """student.pt, full.pt and summary.json (rank 0)."""
