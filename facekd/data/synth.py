@@ -310,15 +310,8 @@ def _ijb_plan(n_ids: int, seed: int) -> list[list[dict]]:
     return specs
 
 
-def _write_ijb(folder: Path, n_ids: int, n_impostors: int, seed: int, strength: float,
-               workers: int, progress: bool) -> dict[str, Any]:
-    """The IJB-style protocol. Every template of two or more media also lends each of its
-    media as a template of its own (IJB-C's templates share media the same way), so the
-    same images carry about 2.5x the templates and 6x the possible impostor pairs: enough
-    (>= 100,000) for TAR@FAR=1e-4 without rendering more faces. A genuine pair never
-    joins two templates that share an image."""
-    specs = _ijb_plan(n_ids, seed)
-    rng = np.random.default_rng([seed, ROLE_IJB, 888_888_888])
+def _ijb_id_counts(specs: list[list[dict]]) -> tuple[int, int, int]:
+    """(templates, media sub-templates, media) the plan makes."""
     n_templates = n_sub = 0
     for person in specs:
         for template in sorted({s["template"] for s in person}):
@@ -326,47 +319,67 @@ def _write_ijb(folder: Path, n_ids: int, n_impostors: int, seed: int, strength: 
             media = {s["media"] for s in person if s["template"] == template}
             n_sub += len(media) if len(media) > 1 else 0
     n_media = sum(len({s["media"] for s in person}) for person in specs)
-    n_all = n_templates + n_sub
-    template_ids = rng.choice(np.arange(1, 5 * n_all + 1), n_all, replace=False)
-    media_ids = rng.choice(np.arange(1, 50 * n_media + 1), n_media, replace=False)
-    jobs = [(seed, ROLE_IJB, i, s, strength) for i, s in enumerate(specs)]
-    tid_of: dict[tuple[int, int], int] = {}
-    owner: dict[int, int] = {}
-    entries: list[tuple[int, bytes, np.ndarray, float]] = []  # mid, jpeg, landmarks, score
-    members: dict[int, list[int]] = {}  # template id -> entry indices, in file order
-    t_next = m_next = 0
-    for ident, result in enumerate(_run_jobs(jobs, workers, "ijb", progress)):
+    return n_templates, n_sub, n_media
+
+
+class _IjbTemplates:
+    """Rendered IJB images (entries) and the templates that group them.
+
+    ``entries`` hold (media id, JPEG, landmarks, score) in render order; ``members`` map
+    a template id to its entry indices, ``owner`` to its identity. Template and media ids
+    are taken in order from the shuffled id pools.
+    """
+
+    def __init__(self, template_ids: np.ndarray, media_ids: np.ndarray) -> None:
+        self.template_ids, self.media_ids = template_ids, media_ids
+        self.t_next = self.m_next = 0
+        self.owner: dict[int, int] = {}
+        self.entries: list[tuple[int, bytes, np.ndarray, float]] = []
+        self.members: dict[int, list[int]] = {}  # template id -> entry indices, file order
+
+    def _next_template_id(self) -> int:
+        tid = int(self.template_ids[self.t_next])
+        self.t_next += 1
+        return tid
+
+    def add_identity(self, ident: int, specs: list[dict], result: list[tuple]) -> None:
+        """One identity's rendered images, each joining its template."""
+        tid_of: dict[int, int] = {}
         media_map: dict[int, int] = {}
-        for spec, (jpeg, lms, score) in zip(specs[ident], result, strict=True):
-            key = (ident, spec["template"])
-            if key not in tid_of:
-                tid_of[key] = int(template_ids[t_next])
-                owner[tid_of[key]] = ident
-                t_next += 1
+        for spec, (jpeg, lms, score) in zip(specs, result, strict=True):
+            if spec["template"] not in tid_of:
+                tid_of[spec["template"]] = tid = self._next_template_id()
+                self.owner[tid] = ident
             if spec["media"] not in media_map:
-                media_map[spec["media"]] = int(media_ids[m_next])
-                m_next += 1
-            members.setdefault(tid_of[key], []).append(len(entries))
-            entries.append((media_map[spec["media"]], jpeg, lms, score))
-    for tid in list(members):  # the media sub-templates
-        mids = list(dict.fromkeys(entries[i][0] for i in members[tid]))
-        if len(mids) < 2:
-            continue
-        for mid in mids:
-            sub = int(template_ids[t_next])
-            t_next += 1
-            members[sub] = [i for i in members[tid] if entries[i][0] == mid]
-            owner[sub] = owner[tid]
-    # lines grouped by template, templates in a random order (as in IJB-C's files); an
-    # image in two templates is one file named on two lines
-    template_order = [list(members)[i] for i in rng.permutation(len(members))]
+                media_map[spec["media"]] = int(self.media_ids[self.m_next])
+                self.m_next += 1
+            self.members.setdefault(tid_of[spec["template"]], []).append(len(self.entries))
+            self.entries.append((media_map[spec["media"]], jpeg, lms, score))
+
+    def add_media_sub_templates(self) -> None:
+        """Each media of a template with two or more becomes a template of its own."""
+        entries = self.entries
+        for tid in list(self.members):
+            mids = list(dict.fromkeys(entries[i][0] for i in self.members[tid]))
+            if len(mids) < 2:
+                continue
+            for mid in mids:
+                sub = self._next_template_id()
+                self.members[sub] = [i for i in self.members[tid] if entries[i][0] == mid]
+                self.owner[sub] = self.owner[tid]
+
+
+def _write_ijb_images(folder: Path, ijb: _IjbTemplates, template_order: list[int]
+                      ) -> tuple[list[str], list[str]]:
+    """The crops (an image in two templates is one file) and the lines of the two
+    per-image files, grouped by template in ``template_order``."""
     crop_dir = folder / "loose_crop"
     crop_dir.mkdir(parents=True, exist_ok=True)
     tid_lines, lm_lines = [], []
     names: dict[int, str] = {}
     for tid in template_order:
-        for i in members[tid]:
-            mid, jpeg, lms, score = entries[i]
+        for i in ijb.members[tid]:
+            mid, jpeg, lms, score = ijb.entries[i]
             if i not in names:
                 names[i] = f"{len(names) + 1}.jpg"
                 with atomic_path(crop_dir / names[i]) as tmp:
@@ -374,8 +387,16 @@ def _write_ijb(folder: Path, n_ids: int, n_impostors: int, seed: int, strength: 
             tid_lines.append(f"{names[i]} {tid} {mid}")
             coords = " ".join(f"{v:.3f}" for v in lms.reshape(-1))
             lm_lines.append(f"{names[i]} {coords} {score:.4f}")
+    return tid_lines, lm_lines
+
+
+def _ijb_pairs(ijb: _IjbTemplates, n_impostors: int, rng: np.random.Generator
+               ) -> tuple[list[tuple[int, int]], set[tuple[int, int]], list[str]]:
+    """(genuine pairs, impostor pairs, pair-file lines in a random order). A genuine pair
+    never joins two templates that share an image; impostors are drawn up to the count."""
+    owner = ijb.owner
     templates = list(owner)
-    image_sets = {t: set(members[t]) for t in templates}
+    image_sets = {t: set(ijb.members[t]) for t in templates}
     same_owner = [(a, b) for a, b in combinations(templates, 2) if owner[a] == owner[b]]
     genuine = [(a, b) for a, b in same_owner if not image_sets[a] & image_sets[b]]
     all_impostors = len(templates) * (len(templates) - 1) // 2 - len(same_owner)
@@ -387,11 +408,36 @@ def _write_ijb(folder: Path, n_ids: int, n_impostors: int, seed: int, strength: 
             impostors.add((a, b))
     pairs = [(a, b, 1) for a, b in genuine] + [(a, b, 0) for a, b in sorted(impostors)]
     pair_lines = [f"{pairs[i][0]} {pairs[i][1]} {pairs[i][2]}" for i in rng.permutation(len(pairs))]
+    return genuine, impostors, pair_lines
+
+
+def _write_ijb(folder: Path, n_ids: int, n_impostors: int, seed: int, strength: float,
+               workers: int, progress: bool) -> dict[str, Any]:
+    """The IJB-style protocol. Every template of two or more media also lends each of its
+    media as a template of its own (IJB-C's templates share media the same way), so the
+    same images carry about 2.5x the templates and 6x the possible impostor pairs: enough
+    (>= 100,000) for TAR@FAR=1e-4 without rendering more faces. A genuine pair never
+    joins two templates that share an image."""
+    specs = _ijb_plan(n_ids, seed)
+    rng = np.random.default_rng([seed, ROLE_IJB, 888_888_888])
+    n_templates, n_sub, n_media = _ijb_id_counts(specs)
+    n_all = n_templates + n_sub
+    template_ids = rng.choice(np.arange(1, 5 * n_all + 1), n_all, replace=False)
+    media_ids = rng.choice(np.arange(1, 50 * n_media + 1), n_media, replace=False)
+    ijb = _IjbTemplates(template_ids, media_ids)
+    jobs = [(seed, ROLE_IJB, i, s, strength) for i, s in enumerate(specs)]
+    for ident, result in enumerate(_run_jobs(jobs, workers, "ijb", progress)):
+        ijb.add_identity(ident, specs[ident], result)
+    ijb.add_media_sub_templates()
+    # lines grouped by template, templates in a random order (as in IJB-C's files)
+    template_order = [list(ijb.members)[i] for i in rng.permutation(len(ijb.members))]
+    tid_lines, lm_lines = _write_ijb_images(folder, ijb, template_order)
+    genuine, impostors, pair_lines = _ijb_pairs(ijb, n_impostors, rng)
     meta = folder / "meta"
     write_text_atomic(meta / "ijbc_face_tid_mid.txt", "\n".join(tid_lines) + "\n")
     write_text_atomic(meta / "ijbc_name_5pts_score.txt", "\n".join(lm_lines) + "\n")
     write_text_atomic(meta / "ijbc_template_pair_label.txt", "\n".join(pair_lines) + "\n")
-    return {"identities": n_ids, "images": len(entries), "templates": len(templates),
+    return {"identities": n_ids, "images": len(ijb.entries), "templates": len(ijb.owner),
             "media_sub_templates": n_sub, "media": n_media, "genuine_pairs": len(genuine),
             "impostor_pairs": len(impostors)}
 
