@@ -677,23 +677,10 @@ class Trainer:
         _unwrap(self.student_ddp).load_state_dict(state["student"])
         self._load_head_state(state["head"], str(path))
         self.method.load_state_dict(state["method"])
-        saved_opt = state["optimizer"]
         ranks = state["ranks"]
         saved_world = int(state["world_size"])
         same_world = saved_world == self.dist.world_size
-        slots = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v
-                     for n, v in slot.items()} for k, slot in saved_opt["state"].items()}
-        if state.get("head_optimizer") is not None:   # merged rows: any world size
-            slots.update(self._local_head_slots(state["head_optimizer"]))
-        elif same_world:                               # older checkpoints: per-rank slots
-            slots.update(ranks[self.dist.rank].get("head_slots", {}))
-        elif not self.partial_fc and ranks[0].get("head_slots"):
-            slots.update(ranks[0]["head_slots"])  # a full head: rank 0 held all of it
-        else:
-            log.warning("world size changed (%d -> %d) on a checkpoint without merged head "
-                        "optimiser slots: they restart", saved_world, self.dist.world_size)
-        self.optimizer.load_state_dict({"state": slots,
-                                        "param_groups": saved_opt["param_groups"]})
+        self._load_optimizer_state(state, same_world)
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
@@ -716,39 +703,70 @@ class Trainer:
                 self.unlabelled_loader.load_state_dict(mine["unlabelled_loader"])
                 self.unlabelled_state = int(mine["unlabelled_epoch"])
         else:
-            # Another layout. The epoch's samples in global order are perm[0:N] at any
-            # world size: continue after the consumed prefix (in_epoch x the old global
-            # batch), which is exact when the new global batch divides it. The step
-            # counter and the schedule are re-indexed when the global batch changed, so
-            # the run still ends after optim.epochs epochs. Per-rank RNG streams cannot be
-            # carried over: fresh ones.
-            ckpt.seed_everything(self.seed + 1_000_003 * step + self.dist.rank)
-            consumed = in_epoch * saved_gb
-            position = consumed // gb
-            if position >= self.steps_per_epoch:   # the saved epoch is done in this layout
-                epoch, position, consumed = epoch + 1, 0, 0
-            if consumed != position * gb:
-                log.warning("resuming at global batch %d (saved at %d): epoch %d continues "
-                            "at sample %d, %d samples of the previous batch are seen again",
-                            gb, saved_gb, epoch, position * gb, consumed - position * gb)
-            new_step = step if saved_gb == gb else epoch * self.steps_per_epoch + position
-            say = log.info if saved_gb == gb else log.warning   # same global batch: exact
-            say("resuming a run saved at world size %d (global batch %d) on %d "
-                        "processes (global batch %d): epoch %d, batch %d of %d, step %d -> "
-                        "%d", saved_world, saved_gb, self.dist.world_size, gb, epoch,
-                        position, self.steps_per_epoch, step, new_step)
-            if new_step != step:
-                self.schedule.step_index = new_step
-                self.schedule._apply()
-            step = new_step
-            mid_epoch = position > 0
-            if mid_epoch:
-                self.loader.load_state_dict(self._reposition_loader(
-                    saved_loader, self.loader.state_dict(), position))
-            self._resume_unlabelled(state, ranks)
+            step, epoch, mid_epoch = self._resume_in_another_layout(
+                state, step, epoch, in_epoch, saved_gb, gb)
         log.info("resumed from %s at step %d (epoch %d)", path, step, epoch)
         self.resumed_from = str(path)
         return step, epoch, mid_epoch
+
+    def _load_optimizer_state(self, state: dict[str, Any], same_world: bool) -> None:
+        """The saved optimiser, with the head's slots for this rank: merged rows at any
+        world size; per-rank slots of older checkpoints only where the layout allows."""
+        saved_opt = state["optimizer"]
+        ranks = state["ranks"]
+        slots = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v
+                     for n, v in slot.items()} for k, slot in saved_opt["state"].items()}
+        if state.get("head_optimizer") is not None:   # merged rows: any world size
+            slots.update(self._local_head_slots(state["head_optimizer"]))
+        elif same_world:                               # older checkpoints: per-rank slots
+            slots.update(ranks[self.dist.rank].get("head_slots", {}))
+        elif not self.partial_fc and ranks[0].get("head_slots"):
+            slots.update(ranks[0]["head_slots"])  # a full head: rank 0 held all of it
+        else:
+            log.warning("world size changed (%d -> %d) on a checkpoint without merged head "
+                        "optimiser slots: they restart", int(state["world_size"]),
+                        self.dist.world_size)
+        self.optimizer.load_state_dict({"state": slots,
+                                        "param_groups": saved_opt["param_groups"]})
+
+    def _resume_in_another_layout(self, state: dict[str, Any], step: int, epoch: int,
+                                  in_epoch: int, saved_gb: int, gb: int
+                                  ) -> tuple[int, int, bool]:
+        """(step, epoch, mid_epoch) of a run saved at another world size or global batch.
+
+        The epoch's samples in global order are perm[0:N] at any world size: continue
+        after the consumed prefix (in_epoch x the old global batch), which is exact when
+        the new global batch divides it. The step counter and the schedule are re-indexed
+        when the global batch changed, so the run still ends after optim.epochs epochs.
+        Per-rank RNG streams cannot be carried over: fresh ones.
+        """
+        ranks = state["ranks"]
+        saved_world = int(state["world_size"])
+        saved_loader = ranks[0].get("loader") or {}
+        ckpt.seed_everything(self.seed + 1_000_003 * step + self.dist.rank)
+        consumed = in_epoch * saved_gb
+        position = consumed // gb
+        if position >= self.steps_per_epoch:   # the saved epoch is done in this layout
+            epoch, position, consumed = epoch + 1, 0, 0
+        if consumed != position * gb:
+            log.warning("resuming at global batch %d (saved at %d): epoch %d continues "
+                        "at sample %d, %d samples of the previous batch are seen again",
+                        gb, saved_gb, epoch, position * gb, consumed - position * gb)
+        new_step = step if saved_gb == gb else epoch * self.steps_per_epoch + position
+        say = log.info if saved_gb == gb else log.warning   # same global batch: exact
+        say("resuming a run saved at world size %d (global batch %d) on %d "
+            "processes (global batch %d): epoch %d, batch %d of %d, step %d -> "
+            "%d", saved_world, saved_gb, self.dist.world_size, gb, epoch,
+            position, self.steps_per_epoch, step, new_step)
+        if new_step != step:
+            self.schedule.step_index = new_step
+            self.schedule._apply()
+        mid_epoch = position > 0
+        if mid_epoch:
+            self.loader.load_state_dict(self._reposition_loader(
+                saved_loader, self.loader.state_dict(), position))
+        self._resume_unlabelled(state, ranks)
+        return new_step, epoch, mid_epoch
 
     def _resume_unlabelled(self, state: dict[str, Any], ranks: list[dict[str, Any]]) -> None:
         """The unlabelled source's position at another world size (same rule as above)."""
