@@ -61,6 +61,19 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
         assert float(a["loss/srd"]) == pytest.approx(float(b["loss/srd"]), abs=1e-6)
 
 
+def test_rerunning_a_run_that_stopped_mid_epoch_trains_nothing(tmp_path):
+    # run.max_steps=2 stops inside a 4-step epoch; the same command again finds nothing
+    # left to train (the loop body never runs) and rewrites the same student
+    factory = memory_loader_factory()
+    recipe = tiny_recipe(tmp_path / "run", "none", ("optim.epochs=1", "run.max_steps=2"))
+    out = train(recipe, loader_factory=factory)
+    before = _student_state(out)
+    train(tiny_recipe(tmp_path / "run", "none", ("optim.epochs=1", "run.max_steps=2")),
+          loader_factory=factory)
+    _assert_same_state(before, _student_state(out))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
 def test_run_folder_contents_and_backbone_only_student(tmp_path):
     out = train(tiny_recipe(tmp_path / "run", "none", ("run.max_steps=2",
                                                        "run.tensorboard=true")),

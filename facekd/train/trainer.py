@@ -931,10 +931,11 @@ class Trainer:
         log.info("training %s -> %s: %d steps/epoch x %d epochs, global batch %d, start "
                  "step %d", r.method.name, r.student.arch, self.steps_per_epoch,
                  r.optim.epochs, global_batch, step)
+        # set before the loop: a rerun of a run that stopped mid-epoch never enters it
+        in_epoch = (step - epoch * self.steps_per_epoch) if mid_epoch else 0
         while step < stop_at:
             if not mid_epoch:
                 self.loader.set_epoch(epoch)
-            in_epoch = (step - epoch * self.steps_per_epoch) if mid_epoch else 0
             mid_epoch = False
             finished_epoch = True
             for batch in self.loader:
