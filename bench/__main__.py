@@ -15,6 +15,8 @@ BENCHMARKS: dict[str, str] = {
     "loader_workers": "loader images/s per worker process; workers per GPU at arcface_torch rate",
     "p4_models": "P4 backbone cost and Partial FC sampling",
     "p4_step_time": "P4 SRD step time with the teacher cache vs student alone",
+    "partial_fc_scale": "Partial FC at 2.06M classes: memory and step time per rank, "
+                        "world 8/16/64, checked by a 2-process gloo run; resharding",
     "p5_ijb_scoring": "P5 IJB-C-size scoring vs the reference algorithm",
     "p6_latency": "P6 batch-1 latency: ONNX FP32/FP16/INT8 vs torch eager",
     "p7_conversion_rss": "P7 peak RSS of conversions vs dataset size",

@@ -61,7 +61,8 @@ def gather_rows_to_main(x: torch.Tensor, num_rows: int) -> torch.Tensor | None:
     """The row shards of every rank (``shard_range`` order) as one host tensor on rank 0.
 
     Rank 0 allocates the ``num_rows`` x ... result on the host and receives one shard at
-    a time into a buffer of one shard's size (point-to-point, gloo or NCCL), so no rank
+    a time into a device buffer of one shard's size (point-to-point, NCCL; gloo receives
+    into the result itself), so no rank
     holds more than one foreign shard on its device and the other ranks hold nothing
     extra; every rank must call it. Returns None on the other ranks. Without a process
     group it is ``x`` on the host.
@@ -78,6 +79,9 @@ def gather_rows_to_main(x: torch.Tensor, num_rows: int) -> torch.Tensor | None:
         start, count = shard_range(num_rows, r, world)
         if r == 0:
             out[start:start + count].copy_(x)
+            continue
+        if x.device.type == "cpu":      # gloo receives straight into the result
+            dist.recv(out[start:start + count], src=r)
             continue
         buf = x.new_empty((count, *x.shape[1:]))
         dist.recv(buf, src=r)
