@@ -94,7 +94,13 @@ class TeacherCache:
         self._centres_by_device: dict[str, torch.Tensor] = {}
         centres_path = self.folder / "centres.npy"
         if centres_path.exists():
-            centres = np.load(centres_path, allow_pickle=False)
+            # copy-on-write map: at 2.06M x 512 the matrix is 4.2 GB, and every rank of a
+            # node held a private copy; mapped, the ranks share the page cache (a rank
+            # that wrote into it would get private pages, never change the file)
+            try:
+                centres = np.load(centres_path, mmap_mode="c", allow_pickle=False)
+            except ValueError as exc:
+                raise DataError(f"{centres_path}: unreadable cache array ({exc})") from None
             if centres.ndim != 2 or centres.shape[1] != self.dim:
                 raise DataError(f"{centres_path}: shape {centres.shape}, expected (C, {self.dim})")
             self.centres = torch.from_numpy(np.ascontiguousarray(centres, dtype=np.float32))
