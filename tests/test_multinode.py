@@ -192,3 +192,27 @@ def test_collective_timeout_from_the_environment(monkeypatch):
     monkeypatch.setenv(TIMEOUT_ENV, "0")
     with pytest.raises(ConfigError, match=TIMEOUT_ENV):
         dist_timeout()
+
+
+def test_resume_with_another_global_batch_moves_both_sources(tmp_path):
+    """Saved at global batch 8 after 3 of 4 steps; resumed at 4 (labelled) and 2
+    (unlabelled): 24 samples done = batch 6 of 8, the unlabelled position scaled alike."""
+    from train_support import StandInTeacher, memory_loader_factory, tiny_recipe
+
+    common = ("method.name=feature", "method.params={connector: false}",
+              "data.unlabelled=memory")
+    run = tmp_path / "run"
+    train(tiny_recipe(run, "feature", (*common, "data.unlabelled_batch_size=4",
+                                       "run.max_steps=3")),
+          loader_factory=memory_loader_factory(), teacher=StandInTeacher())
+    state = torch.load(run / "checkpoints" / "step-00000003.pt", weights_only=True)
+    assert state["in_epoch"] == 3 and state["global_batch"] == 8
+    assert state["unlabelled_global_batch"] == 4
+    train(tiny_recipe(run, "feature", (*common, "data.batch_size=4",
+                                       "data.unlabelled_batch_size=2")),
+          loader_factory=memory_loader_factory(), teacher=StandInTeacher())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["epochs_done"] == 2
+    with open(run / "metrics.csv", newline="") as f:
+        steps = [int(float(row["step"])) for row in csv.DictReader(f)]
+    assert steps == [1, 2, 3, *range(7, 17)]
