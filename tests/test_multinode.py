@@ -216,3 +216,18 @@ def test_resume_with_another_global_batch_moves_both_sources(tmp_path):
     with open(run / "metrics.csv", newline="") as f:
         steps = [int(float(row["step"])) for row in csv.DictReader(f)]
     assert steps == [1, 2, 3, *range(7, 17)]
+
+
+@pytest.mark.slow
+def test_nodes_without_a_shared_folder_stop_with_one_line(tmp_path):
+    from train_support import memory_loader_factory, run_processes, tiny_recipe, unshared_worker
+
+    # node 0's run folder has a checkpoint; node 1's (its own disk) has none
+    train(tiny_recipe(tmp_path / "node0" / "run", "none", ("run.max_steps=3",)),
+          loader_factory=memory_loader_factory())
+    run_processes(unshared_worker, 2, str(tmp_path))
+    for rank in range(2):
+        cache_error, resume_error = (tmp_path / f"errors{rank}.txt").read_text().splitlines()
+        assert "rank 0 cannot see" in cache_error and "written by rank 1" in cache_error
+        assert "filesystem every node shares" in cache_error
+        assert "rank 1 cannot read" in resume_error and "step-00000003.pt" in resume_error

@@ -275,3 +275,35 @@ class GradReduceModel(nn.Module):
             extra[flags] = self.used_by_rank0(x[flags]).squeeze(1)
             out = out + extra
         return (out ** 2).mean()
+
+
+def unshared_worker(rank: int, world_size: int, port: int, root: str) -> None:
+    """A rank whose ``OUT`` / ``run.output`` is its own folder, as on nodes without a
+    shared filesystem: the teacher cache and a resume must both stop with one line."""
+    import os
+    from pathlib import Path
+
+    from facekd.errors import ConfigError
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    register_test_models()
+    from facekd.train.cache import build_teacher_cache
+    from facekd.train.trainer import train
+
+    node = Path(root) / f"node{rank}"
+    errors = []
+    try:
+        build_teacher_cache("", "memory", node / "cache", batch_size=4, dtype="float32",
+                            device="cpu", teacher=StandInTeacher(), progress=False,
+                            loader_factory=memory_loader_factory())
+    except ConfigError as exc:
+        errors.append(str(exc))
+    try:
+        train(tiny_recipe(node / "run", "none", ("data.batch_size=4",)),
+              loader_factory=memory_loader_factory())
+    except ConfigError as exc:
+        errors.append(str(exc))
+    (Path(root) / f"errors{rank}.txt").write_text("\n".join(errors))

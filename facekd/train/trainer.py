@@ -627,10 +627,11 @@ class Trainer:
         from facekd.train.ddp import broadcast_object
 
         latest = ckpt.latest_checkpoint(self.out) if self.dist.is_main else None
-        name = broadcast_object(str(latest) if latest is not None else None, self.dist)
+        name = broadcast_object(latest.name if latest is not None else None, self.dist)
         if not self.dist.enabled:
             return latest
-        path = Path(name) if name is not None else None
+        # each rank looks in its own run.output: the same path string on every node
+        path = ckpt.checkpoint_dir(self.out) / name if name is not None else None
         seen = gather_objects(path is None or path.is_file(), self.dist)
         blind = [rank for rank, ok in enumerate(seen) if not ok]
         if blind:
