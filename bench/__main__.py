@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, str] = {
     "synth_speed": "synthetic face generator throughput",
     "synth_difficulty": "held-out accuracy of pixels vs small networks on synthetic faces",
     "methods": "the method comparison on the embedded benchmark (hours; resumable)",
+    "method_batches": "P x K vs random batches for the student alone and EKD, in the "
+                      "method benchmark's setting (validation identities)",
     "cfp_pose": "CFP-FP-like set by profile yaw, teacher vs student alone "
                 "(python -m bench.cfp_pose DEMO_OUT ...)",
 }
