@@ -250,3 +250,17 @@ def test_markdown_states_intervals_significance_and_missing_runs():
     result["setting"]["test_above_floor"] = False
     below = bench.markdown(result)
     assert "n/a (None impostor pairs)" in below and "no verdict" in below
+
+
+def test_method_batches_needs_the_method_bench_first_and_tables_its_runs(tmp_path, capsys):
+    from bench import method_batches
+
+    # without bench.methods' teacher cache: one line naming the folder, exit 2
+    assert method_batches.main(["--work", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "teacher cache" in capsys.readouterr().err
+    table = method_batches.markdown({"command": "c", "seed": 1000, "runs": [
+        {"method": "none", "images_per_identity": 2, "ijb_tar@far1e-3": 16.638,
+         "interval": {"low": 9.1, "high": 27.2}},
+        {"method": "ekd", "images_per_identity": 1, "ijb_tar@far1e-3": 32.29, "interval": None}]})
+    assert "| student alone | 2 | 16.64 [9.10, 27.20] |" in table
+    assert "| ekd | 1 | 32.29 |" in table
