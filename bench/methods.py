@@ -29,7 +29,15 @@ seeds; a difference is significant when its interval excludes 0.
 
 Everything lives in ``--work`` and is reused on a rerun: a run whose ``summary.json``
 and evaluation exist is not retrained, unfinished trainings resume from their
-checkpoints, and the tables are rewritten after every finished run.
+checkpoints, and the tables are rewritten after every finished run. The work folder is
+not committed, so finished runs travel between machines as a small committed file:
+``--save-carry [PATH]`` (default ``bench/results/methods_carry.json``) writes every
+finished run's small JSON files with a fingerprint of what they depend on (teacher
+weights, teacher cache, data, sizes, recipes); ``--carry [PATH]`` (automatic for the
+full run when the default file exists, ``--no-carry`` to refuse) retrains the teacher
+and its cache, which are deterministic on one machine kind, and takes the carried runs
+(marked by ``bench_carried.json``, no checkpoint) only when every fingerprint matches;
+otherwise it logs which one differs and carries nothing.
 
 Run: ``.venv/bin/python -m bench.methods`` (``--estimate`` first: it times a few steps
 of every method and projects the whole comparison's CPU cost; budget <= 5 CPU-hours on
@@ -553,8 +561,10 @@ def task_done(task: Task, layout: Layout, methods: list[str]) -> bool:
         return False
     from facekd.fileio import sha256_file
 
-    return json.loads(evaluation.read_text()).get("model_sha256") == \
-        sha256_file(run / "student.pt")
+    scored = json.loads(evaluation.read_text()).get("model_sha256")
+    if not (run / "student.pt").exists():   # carried: trained and scored on another machine
+        return (_read_json(run / CARRIED) or {}).get("model_sha256") == scored
+    return scored == sha256_file(run / "student.pt")
 
 
 def execute(task: Task, work: str, size: BenchSize, methods: list[str], progress: bool,
@@ -637,6 +647,180 @@ def _execute_logged(task: Task, work: str, size: BenchSize, methods: list[str],
         return execute(task, work, size, methods, progress, io_workers)
     except BaseException as exc:  # reported in the parent; a bare pickle may lose the trace
         raise RuntimeError(f"{task.name}: {exc!r}\n{traceback.format_exc()}") from None
+
+
+# ----------------------------------------------------------------------------- carry
+CARRY = RESULTS / "methods_carry.json"
+CARRY_FORMAT = "facekd-bench-methods-carry"
+# what collect(), tune_runs(), _test_rows() and best_setting() read of a run folder
+CARRY_FILES = ("bench_setting.json", "bench_val.json", "bench_eval.json", "summary.json",
+               "bench_cost.json")
+CARRIED = "bench_carried.json"   # stands in for student.pt in task_done
+
+
+def _sha256_tree(folder: Path) -> str:
+    """One digest of every file under ``folder`` (logs excluded) and its relative path."""
+    import hashlib
+
+    from facekd.fileio import sha256_file
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".log"):
+        h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _sha256_json(path: Path, drop: tuple[str, ...]) -> str:
+    """Digest of a JSON file without the fields that depend on its folder's path (paths,
+    the hash of a checkpoint that holds one)."""
+    import hashlib
+
+    data = {k: v for k, v in json.loads(path.read_text()).items() if k not in drop}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_weights(path: Path) -> str:
+    """Digest of a checkpoint's architecture and tensors: the file's own bytes also hold
+    its run folder's path (``meta.recipe``), which differs between work folders."""
+    import hashlib
+
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    h = hashlib.sha256(json.dumps([ckpt.get("arch"), ckpt.get("arch_kwargs")],
+                                  sort_keys=True, default=str).encode())
+    head = ckpt.get("head") or {}
+    tensors = {**{f"state_dict.{k}": v for k, v in ckpt["state_dict"].items()},
+               **({"head.weight": head["weight"]} if head.get("weight") is not None else {})}
+    h.update(json.dumps([head.get("type"), head.get("config")], sort_keys=True,
+                        default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(layout: Layout, size: BenchSize, methods: list[str] | None = None
+                ) -> dict[str, Any]:
+    """What a finished run's numbers depend on, by part. ``methods``: the parts a plan of
+    these methods builds (its carried runs need no other); None: all the folder holds."""
+    def digest(path: Path, how: Any) -> str:
+        return how(path) if path.exists() else "missing"
+
+    from facekd.fileio import sha256_file
+
+    out: dict[str, Any] = {"size": asdict(size)}
+    for name in sorted({TEACHER_RECIPE, *(SPECS[m].recipe for m in methods or METHODS)}):
+        out[f"recipes/{name}"] = digest(recipes_dir() / name, sha256_file)
+    for name in ("student.pt", "full.pt"):
+        out[f"teacher/{name}"] = digest(layout.teacher / name, _sha256_weights)
+    if methods is None:
+        caches = [c for c in (layout.cache, layout.cache_unlabelled) if _cache_complete(c)]
+    else:
+        caches = [layout.cache] if any(needs_teacher(m) for m in methods) else []
+        if caches and any(uses_unlabelled(m) for m in methods):
+            caches.append(layout.cache_unlabelled)
+    for cache in caches:
+        for name in ("keys.npy", "emb.npy", "centres.npy"):
+            if name != "centres.npy" or (cache / name).exists():
+                out[f"{cache.name}/{name}"] = digest(cache / name, sha256_file)
+        out[f"{cache.name}/meta.json"] = digest(cache / "meta.json", lambda p: _sha256_json(
+            p, ("teacher", "teacher_sha256", "source")))
+    for shards in (layout.shards, layout.shards_unlabelled):
+        out[f"{shards.name}/manifest.parquet"] = digest(shards / "manifest.parquet",
+                                                        sha256_file)
+        out[f"{shards.name}/dataset.json"] = digest(shards / "dataset.json",
+                                                    lambda p: _sha256_json(p, ("source",)))
+    for folder in (layout.synth, layout.synth_val):   # train, test sets, validation
+        out[folder.name] = digest(folder, _sha256_tree)
+    return out
+
+
+def _machine() -> str:
+    """Where a carry file was written: host, CPUs, torch and the commit."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return (f"{platform.node() or 'unknown host'} ({os.cpu_count()} CPUs, torch "
+            f"{_torch_version()}) at commit {commit or 'unknown'}")
+
+
+def save_carry(work: Path, path: Path, size: BenchSize, seeds: list[int]) -> dict[str, Any]:
+    """Write every finished run's small JSON files and the fingerprint to ``path``."""
+    from facekd.errors import FacekdError
+    from facekd.fileio import write_text_atomic
+
+    layout = Layout(work)
+    methods = list(METHODS)
+    runs: dict[str, Any] = {}
+    for task in plan(methods, seeds):
+        if task.kind == "cache" or not task_done(task, layout, methods):
+            continue
+        run = task_run(task, layout)
+        files = {n: _read_json(run / n) for n in CARRY_FILES if (run / n).exists()}
+        scored = files["bench_val.json" if task.kind == "tune" else "bench_eval.json"]
+        runs[task.name] = {"model_sha256": scored["model_sha256"], "files": files}
+    if "teacher" not in runs:
+        raise FacekdError(f"{work}: no finished teacher, nothing to carry")
+    doc = {"format": CARRY_FORMAT, "version": 1, "from": _machine(),
+           "fingerprint": fingerprint(layout, size), "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    log.info("carry: %d finished runs of %s written to %s", len(runs), work, path)
+    return doc
+
+
+def apply_carry(path: Path, layout: Layout, size: BenchSize, methods: list[str],
+                tasks: list[Task]) -> tuple[list[str], str]:
+    """Write the carried runs into their folders when the fingerprint of the teacher,
+    cache and data built here matches; returns the carried task names and a note."""
+    from facekd.fileio import write_json_atomic
+
+    doc = _read_json(path) or {}
+    if doc.get("format") != CARRY_FORMAT:
+        return [], f"carry file {path} is missing or not a {CARRY_FORMAT} file: nothing carried"
+    saved, here = doc.get("fingerprint") or {}, fingerprint(layout, size, methods)
+    differ = [k for k, v in here.items() if saved.get(k) != v]
+    if differ:
+        note = (f"carry file {path} not used: fingerprint differs in {', '.join(differ)} "
+                "(nothing carried, every run trains here)")
+        log.warning(note)
+        return [], note
+    carried = []
+    for task in tasks:
+        entry = doc["runs"].get(task.name)
+        run = task_run(task, layout)
+        if task.kind not in ("tune", "test") or entry is None or (run / "summary.json").exists():
+            continue
+        setting = entry["files"].get("bench_setting.json")
+        if task.kind == "test" and setting != asdict(task_setting(task, layout)):
+            log.warning("carry: %s was trained at %s, the tuning here picks %s: not carried",
+                        task.name, setting, asdict(task_setting(task, layout)))
+            continue
+        run.mkdir(parents=True, exist_ok=True)
+        for name, data in entry["files"].items():
+            write_json_atomic(run / name, data)
+        write_json_atomic(run / CARRIED, {"from": doc.get("from"), "carry_file": str(path),
+                                          "model_sha256": entry["model_sha256"]})
+        carried.append(task.name)
+    note = (f"{len(carried)} runs carried from {doc.get('from')} (fingerprint matched: "
+            "teacher, cache, data, sizes, recipes)")
+    log.info("carry: %s", note)
+    return carried, note
+
+
+def carried_runs(layout: Layout, tasks: list[Task]) -> dict[str, Any]:
+    """The runs of ``tasks`` whose folders hold carried results, and where from."""
+    names = [t.name for t in tasks if t.kind in ("tune", "test")
+             and (task_run(t, layout) / CARRIED).exists()]
+    sources = sorted({str((_read_json(task_run(t, layout) / CARRIED) or {}).get("from"))
+                      for t in tasks if t.name in names})
+    return {"runs": names, "from": sources}
 
 
 # ----------------------------------------------------------------------------- results
@@ -751,7 +935,8 @@ def _values_by_seed(row: dict[str, Any] | None, metric: str = PRIMARY) -> dict[s
 
 def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int],
             data: dict[str, Any], wall_seconds: float | None, command: str,
-            failed: dict[str, str], trained_now: list[str]) -> dict[str, Any]:
+            failed: dict[str, str], trained_now: list[str], carry_note: str | None = None
+            ) -> dict[str, Any]:
     """Everything known so far in the ``methods.json`` schema (missing runs named)."""
     from facekd.evaluate.stats import FLOOR_RULE, interval_rule
 
@@ -833,6 +1018,7 @@ def collect(layout: Layout, size: BenchSize, methods: list[str], seeds: list[int
         "missing_runs": missing,
         "failed_runs": failed,
         "trained_this_invocation": trained_now,
+        "carried": {**carried_runs(layout, plan(methods, seeds)), "note": carry_note},
         "setting": setting,
         "teacher": teacher,
         "student_alone": rows.get("none"),
@@ -950,7 +1136,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['seeds']}. The control trains `feature` at SRD's effective cosine weight "
         f"2s²/D = {s['srd_effective_weight']:g}.")
     lines = ["# Distillation methods on the embedded benchmark (fair protocol)", "",
-             caption, "", f"Command: `{result['command']}`", "",
+             caption, "", f"Command: `{result['command']}`", "", *_carry_lines(result),
              "| model | chosen setting | seeds | TAR@FAR=1e-3 (%) | 95 % CI of mean | "
              "bootstrap ± (protocol) | gap closed | vs alone | vs SRD | LFW-like acc (%) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -997,6 +1183,20 @@ def markdown(result: dict[str, Any]) -> str:
               f"cache: {cpu / 60:.1f} core-min (data generation not counted). Per-run "
               "numbers: `methods.json`.", ""]
     return "\n".join(lines)
+
+
+def _carry_lines(result: dict[str, Any]) -> list[str]:
+    """Which runs came from another machine (trained and scored there, no checkpoint here)."""
+    carried = result.get("carried") or {}
+    lines = []
+    if carried.get("runs"):
+        lines.append(f"**Carried:** {len(carried['runs'])} runs carried from "
+                     f"{'; '.join(carried['from'])} (fingerprint matched: teacher, cache, "
+                     "data, sizes, recipes); trained and scored there, their checkpoints are "
+                     "not here (names: `carried.runs` in methods.json).")
+    elif carried.get("note"):
+        lines.append(f"**Carry:** {carried['note']}.")
+    return [*lines, ""] if lines else []
 
 
 def tuning_table(result: dict[str, Any]) -> list[str]:
@@ -1233,8 +1433,10 @@ def report_only(work: Path, results_dir: Path, size: BenchSize, methods: list[st
 
 
 def run_bench(work: Path, results_dir: Path, size: BenchSize, methods: list[str],
-              seeds: list[int], jobs: int, command: str) -> dict[str, Any]:
-    """Prepare, tune, train, evaluate and tabulate; resumable at every step."""
+              seeds: list[int], jobs: int, command: str, carry: Path | None = None
+              ) -> dict[str, Any]:
+    """Prepare, tune, train, evaluate and tabulate; resumable at every step. ``carry``:
+    a carry file whose runs are taken once the teacher and cache here match it."""
     from facekd.fileio import write_json_atomic
     from facekd.logs import add_file_log
 
@@ -1249,10 +1451,12 @@ def run_bench(work: Path, results_dir: Path, size: BenchSize, methods: list[str]
     progress = jobs == 1
     failed: dict[str, str] = {}
     trained: list[str] = []
+    carry_note: str | None = None
 
     def publish() -> dict[str, Any]:
         wall = wall_before + time.perf_counter() - start
-        result = collect(layout, size, methods, seeds, data, wall, command, failed, trained)
+        result = collect(layout, size, methods, seeds, data, wall, command, failed, trained,
+                         carry_note)
         write_results(result, results_dir)
         write_json_atomic(state_path, {"wall_seconds": wall})
         return result
@@ -1270,8 +1474,13 @@ def run_bench(work: Path, results_dir: Path, size: BenchSize, methods: list[str]
         # threads); the mbf_tiny students then run side by side on one thread each.
         first = [t for t in todo if t.kind in ("teacher", "cache")]
         _schedule(first, done, 1, work, size, methods, progress, 2, failed, trained, publish)
-        _schedule([t for t in todo if t.kind not in ("teacher", "cache")], done, jobs, work,
-                  size, methods, progress, 1 if jobs > 1 else 2, failed, trained, publish)
+        if carry is not None and not failed:
+            carried, carry_note = apply_carry(carry, layout, size, methods, tasks)
+            done |= set(carried)
+            publish()
+        _schedule([t for t in todo if t.kind not in ("teacher", "cache") and t.name not in done],
+                  done, jobs, work, size, methods, progress, 1 if jobs > 1 else 2, failed,
+                  trained, publish)
         return publish()
     finally:
         logging.getLogger().removeHandler(handler)
@@ -1386,6 +1595,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite the table from finished runs (safe while a run "
                              "is going on in the same --work)")
+    parser.add_argument("--save-carry", type=Path, nargs="?", const=CARRY, default=None,
+                        metavar="PATH", help="write the finished runs of --work and their "
+                        f"fingerprint to PATH (default {CARRY.relative_to(ROOT)}); trains "
+                        "nothing")
+    parser.add_argument("--carry", type=Path, nargs="?", const=CARRY, default=None,
+                        metavar="PATH", help="take the runs of a carry file when the teacher, "
+                        "cache and data built here match its fingerprint (default: the file "
+                        "above, automatically for the full run when it exists)")
+    parser.add_argument("--no-carry", action="store_true",
+                        help="never take carried runs (everything trains here)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="trainings side by side (default 2 on >=2 CPUs, 1 with --quick)")
     args = parser.parse_args(argv)
@@ -1425,11 +1644,20 @@ def main(argv: list[str] | None = None) -> int:
             est = estimate(work, results, methods, seeds, command)
             print((results / "methods_estimate.md").read_text())
             return 0 if est["fits_budget"] else 1
+        if args.save_carry:
+            save_carry(work, args.save_carry, size, seeds)
+            print(f"bench.methods: carry file written to {args.save_carry}")
+            return 0
         if args.report_only:
             result = report_only(work, results, size, methods, seeds, command)
             print(markdown(result))
             return 0
-        result = run_bench(work, results, size, methods, seeds, jobs, command)
+        carry = None if args.no_carry else args.carry or (
+            CARRY if not args.quick and CARRY.exists() else None)
+        if carry is not None and not carry.exists():
+            print(f"bench.methods: no carry file {carry}", file=sys.stderr)
+            return 2
+        result = run_bench(work, results, size, methods, seeds, jobs, command, carry)
     except FacekdError as exc:
         print(f"bench.methods: {exc}", file=sys.stderr)
         return 2

@@ -122,12 +122,26 @@ def test_student_overrides_keep_recipe_hyper_parameters(tmp_path):
     assert not any(o.startswith(("teacher.", "method.")) for o in none)
 
 
+def _quick(work: Path, results: Path, *extra: str, methods: str = "none,srd",
+           timeout: int = 1500) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "bench.methods", "--quick", "--work", str(work),
+           "--results", str(results), "--methods", methods, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """One quick comparison (none, srd), shared: it is the costly part of both tests."""
+    root = tmp_path_factory.mktemp("quick")
+    work, results = root / "work", root / "results"
+    return work, results, _quick(work, results)
+
+
 @pytest.mark.slow
-def test_quick_run_end_to_end_and_resume(tmp_path):
-    work, results = tmp_path / "work", tmp_path / "results"
+def test_quick_run_end_to_end_and_resume(quick_run, tmp_path):
+    work, results, done = quick_run
     cmd = [sys.executable, "-m", "bench.methods", "--quick", "--work", str(work),
            "--results", str(results), "--methods", "none,srd"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((results / "methods.json").read_text())
     assert data["complete"] and data["missing_runs"] == [] and data["failed_runs"] == {}
@@ -184,6 +198,52 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     third = json.loads((tmp_path / "report" / "methods.json").read_text())
     assert third["methods"] == data["methods"] and third["wall_time_s"] is None
+
+
+@pytest.mark.slow
+def test_carry_takes_finished_runs_only_when_the_fingerprint_matches(quick_run, tmp_path):
+    work_a, results_a, done = quick_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = json.loads((results_a / "methods.json").read_text())
+    carry = tmp_path / "carry.json"
+    saved = _quick(work_a, tmp_path / "unused", "--save-carry", str(carry), timeout=300)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    doc = json.loads(carry.read_text())
+    students = [*(f"tune/srd/w{f:.4g}" for f in bench.WEIGHT_FACTORS),
+                *(f"{m}/seed{s}" for m in ("none", "srd") for s in (0, 1))]
+    assert sorted(doc["runs"]) == sorted(["teacher", *students])
+    assert all(len(r["model_sha256"]) == 64 for r in doc["runs"].values())
+    assert {"teacher/full.pt", "teacher_cache/emb.npy", "shards/manifest.parquet", "synth",
+            "synth_val", "size"} <= set(doc["fingerprint"])
+
+    # a fresh machine: teacher and cache retrain, match, and no student trains
+    work_b, results_b = tmp_path / "b", tmp_path / "b_results"
+    b = _quick(work_b, results_b, "--carry", str(carry))
+    assert b.returncode == 0, b.stderr[-3000:]
+    data = json.loads((results_b / "methods.json").read_text())
+    assert sorted(data["trained_this_invocation"]) == ["cache", "teacher"]
+    assert sorted(data["carried"]["runs"]) == sorted(students) and data["complete"]
+    assert data["methods"] == a["methods"]
+    assert data["teacher"][bench.PRIMARY] == a["teacher"][bench.PRIMARY]
+    assert not list((work_b / "runs").glob("t*/*/*/student.pt"))   # tune/ and test/
+    assert f"{len(students)} runs carried from" in (results_b / "methods.md").read_text()
+    # a rerun takes the carried markers as finished runs
+    again = _quick(work_b, results_b, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((results_b / "methods.json").read_text())
+    assert second["trained_this_invocation"] == [] and second["methods"] == a["methods"]
+
+    # another teacher's runs: nothing carried, one line names the part that differs
+    doc["fingerprint"]["teacher/student.pt"] = "0" * 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    c = _quick(tmp_path / "c", tmp_path / "c_results", "--carry", str(other), "--seeds", "0",
+               methods="none")
+    assert c.returncode == 0, c.stderr[-3000:]
+    data = json.loads((tmp_path / "c_results" / "methods.json").read_text())
+    assert data["carried"]["runs"] == [] and "none/seed0" in data["trained_this_invocation"]
+    assert "fingerprint differs in teacher/student.pt (nothing carried" in c.stderr
+    assert "differs in teacher/student.pt" in (tmp_path / "c_results" / "methods.md").read_text()
 
 
 def _result(methods: dict) -> dict:
