@@ -5,8 +5,31 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Console(logging.StreamHandler):
+    """The CLI's console handler: writes to the ``sys.stderr`` of each record's time.
+
+    A StreamHandler keeps the stream of its creation; when that stream is replaced and
+    closed (a pytest capture, an embedding program's redirect), later records failed
+    with "Logging error" tracebacks and went nowhere.
+    """
+
+    _facekd_console = True  # what test drivers keep when they clear the other handlers
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:  # logging reads and assigns it
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ assigns it
+        pass
 
 
 def setup_logging(verbosity: int = 0) -> None:
@@ -14,10 +37,9 @@ def setup_logging(verbosity: int = 0) -> None:
     level = logging.DEBUG if verbosity > 0 else logging.INFO
     root = logging.getLogger()
     root.setLevel(level)
-    if not any(getattr(h, "_facekd_console", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Console) for h in root.handlers):
+        handler = _Console()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._facekd_console = True  # type: ignore[attr-defined]
         root.addHandler(handler)
 
 
