@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,22 @@ IJB = FIXTURES / "ijb"
 TINY_TEMPLATES = [10, 10, 20, 20, 30, 40]
 TINY_MEDIAS = [100, 100, 200, 201, 300, 400]
 TINY_PAIRS = [(10, 20, 1), (10, 30, 0), (20, 40, 0), (30, 40, 1), (10, 40, 0), (20, 30, 0)]
+
+
+def save_tiny_student(folder: Path, arch: str = "mbf_tiny") -> tuple[Any, Path]:
+    """A seed-0 model in eval mode saved as ``folder/student.pt``: (model, checkpoint).
+
+    The one "small saved student" of the evaluation and embedding-path tests; each test
+    exports what it needs from it.
+    """
+    import torch
+
+    from facekd.models import create_model, save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    return model, save_checkpoint(folder / "student.pt", model, arch)
 
 
 def make_tiny_ijb(root: Path, one_to_n: bool = False, prefix: str = "ijbc") -> Path:

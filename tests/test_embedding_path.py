@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from eval_support import save_tiny_student
 
 from facekd.cli import main
 
@@ -31,14 +32,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def forms(tmp_path_factory):
     from facekd.export.onnx_export import export_onnx
-    from facekd.models import create_model, save_checkpoint
 
     root = tmp_path_factory.mktemp("forms")
-    torch.manual_seed(0)
-    model = create_model("mbf_tiny").eval()
     run = root / "run"
-    run.mkdir()
-    save_checkpoint(run / "student.pt", model, "mbf_tiny")
+    model, _ = save_tiny_student(run)
     state = root / "backbone.pth"
     torch.save(model.state_dict(), state)  # what arcface_torch writes
     plain, inside = root / "student.onnx", root / "inside.onnx"

@@ -7,7 +7,7 @@ import json
 import pickle
 
 import pytest
-from eval_support import VERIF, make_tiny_ijb
+from eval_support import VERIF, make_tiny_ijb, save_tiny_student
 
 from facekd.cli import main
 
@@ -20,16 +20,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny facekd checkpoint and its ONNX export."""
-    import torch
-
     from facekd.export.onnx_export import trace_to_onnx
-    from facekd.models import create_model
-    from facekd.models.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    model = create_model("mbf_tiny").eval()
-    ckpt = save_checkpoint(root / "student.pt", model, "mbf_tiny", {})
+    model, ckpt = save_tiny_student(root)
     onnx_path = root / "student.onnx"
     trace_to_onnx(model, onnx_path)
     return ckpt, onnx_path
