@@ -246,3 +246,32 @@ def test_ncnn_weights_must_match_the_param(untrained, tmp_path):
     padded.write_bytes(out.with_suffix(".bin").read_bytes() + b"\0" * 8)
     with pytest.raises(FacekdError, match="do not match"):
         read_weights(layers, padded)
+
+
+def _tflite_ops(path: Path) -> list[str]:
+    """Builtin operator names of a .tflite file, in graph order."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = flatbuffer_utils.read_model(str(path))
+    codes = [names[max(c.builtinCode, c.deprecatedBuiltinCode)] for c in model.operatorCodes]
+    return [codes[op.opcodeIndex] for op in model.subgraphs[0].operators]
+
+
+def test_litert_int8_prelu_is_one_depthwise_conv_and_add_all_in_xnnpack(untrained, tmp_path):
+    """Slopes > 1 (a third of this student's) fold away, so every PReLU is x + relu((a-1)x)
+    and XNNPACK takes the whole INT8 graph as one partition (a PRELU op would not be)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    out = tmp_path / "s.tflite"
+    edge.export_edge(TfliteFormat(), untrained, out, int8=True, calib_data=REC, calib_count=16)
+    fp32, int8 = _tflite_ops(out), _tflite_ops(edge.variant_path(out, "int8"))
+    prelus = fp32.count("PRELU")
+    assert prelus > 0 and "PRELU" not in int8
+    assert int8.count("DEPTHWISE_CONV_2D") == fp32.count("DEPTHWISE_CONV_2D") + prelus
+    assert int8.count("ADD") == fp32.count("ADD") + prelus
+    interpreter = Interpreter(model_path=str(edge.variant_path(out, "int8")), num_threads=1)
+    interpreter.allocate_tensors()
+    kinds = [op["op_name"] for op in interpreter._get_ops_details()]
+    assert kinds.count("DELEGATE") == 1, "INT8 graph split between XNNPACK and reference kernels"

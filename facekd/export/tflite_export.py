@@ -68,14 +68,15 @@ class TfliteFormat:
         elif variant == "int8":
             if calib is None:
                 raise FacekdError("--int8 needs calibration images (--calib-data)")
-            # The FP32 file's graph with PRelu as depthwise convs (exact), so that XNNPACK
-            # runs the whole INT8 graph; the FP32 file itself keeps PRELU (faster in float).
+            # The FP32 file's graph with PRelu as a depthwise conv + ADD (exact), so that
+            # XNNPACK runs the whole INT8 graph; the FP32 file keeps PRELU (one pass in float).
             float_graph = onnx_to_tflite(self._onnx_graph(student), int8_prelu=True,
                                          normalize_inside=normalize_inside,
                                          description=description)
             data = quantize_int8(float_graph, calib, normalize_inside=normalize_inside)
             settings = {"quantizer": "LiteRT post-training full-integer (calibration wrapper)",
-                        "prelu": "a * x + (1 - a) * relu(x) as 1x1 depthwise convs + ADD",
+                        "prelu": "slopes > 1 folded into the convs, then x + relu((a - 1) x) "
+                                 "as a 1x1 depthwise conv + ADD",
                         "weights": "int8 per-channel", "activations": "int8",
                         "bias": "int32", "calibration": "MinMax",
                         "calibration_images": len(calib), "io": "float32"}
