@@ -14,7 +14,10 @@ trained checkpoint) each file's verification accuracy is measured in its runtime
 Goals (issue 18): each runtime's INT8 within 1 point of its FP32 accuracy and <= 0.5x
 its FP32 latency; and which runtime is fastest for these models here. One more row,
 ``litert/int8_prelu_op``, is LiteRT's INT8 of the plain graph (PRELU ops, not run by
-XNNPACK in INT8), to show what the shipped file's PReLU-as-depthwise-convs changes.
+XNNPACK in INT8), to show what the shipped file's PReLU-as-depthwise-convs changes. Two
+more, ``litert/int8_no_prelu`` and ``ncnn/int8_no_prelu``, are those INT8 files with every
+PReLU removed (profiling only, :mod:`bench.p8_floor`): their ratio to FP32 is the floor no
+PReLU lowering can beat, i.e. what the runtime's INT8 convolutions give by themselves.
 
 Run: ``.venv/bin/python -m bench.p8_edge`` (writes bench/results/p8_edge.{md,json}).
 """
@@ -37,6 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNTIMES = ("onnxruntime", "ncnn", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")
 PRELU_OP = "litert/int8_prelu_op"  # the INT8 graph with PRELU ops, for comparison only
+FLOORS = {"litert": "litert/int8_no_prelu", "ncnn": "ncnn/int8_no_prelu"}  # profiling only
+EXTRA = (PRELU_OP, *FLOORS.values())
 
 
 def _export_all(ckpt: Path, workdir: Path, calib: Path, calib_count: int,
@@ -104,6 +109,17 @@ def _litert_int8_prelu_op(ckpt: Path, workdir: Path, calib: Path, count: int,
     return {"path": path, "one_minus_cos": float((1 - cos).max()), "accuracy": accuracy}
 
 
+def _floor_files(files: dict, workdir: Path, calib: Path, count: int) -> dict[str, list[Path]]:
+    """The LiteRT and NCNN INT8 files without PReLUs (:mod:`bench.p8_floor`)."""
+    from bench.p8_floor import litert_int8_without_prelu, ncnn_int8_without_prelu
+    from facekd.export.calibration import load_calibration_images
+
+    images = load_calibration_images(calib, count)
+    return {"litert": [litert_int8_without_prelu(files["onnxruntime", "fp32"][0], workdir,
+                                                 images)],
+            "ncnn": ncnn_int8_without_prelu(*files["ncnn", "fp32"], workdir, images)}
+
+
 def _runner(runtime: str, precision: str, paths: list[Path], threads: int):
     """A batch-1 callable for one file in its own runtime package."""
     if runtime == "onnxruntime":
@@ -122,12 +138,15 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
     calib = Path(args.calib_data) if args.calib_data else _calibration_bin(workdir, args.calib)
     files, cards, export_s = _export_all(ckpt, workdir, calib, args.calib, args.eval_bin)
     prelu_op = _litert_int8_prelu_op(ckpt, workdir, calib, args.calib, args.eval_bin)
+    floors = _floor_files(files, workdir, calib, args.calib)
     x = _input(args)
     timings: dict[str, dict] = {}
     for threads in args.threads:
         runners = {f"{r}/{p}": _runner(r, p, files[r, p], threads)
                    for r in RUNTIMES for p in PRECISIONS}
         runners[PRELU_OP] = _runner("litert", "int8", [prelu_op["path"]], threads)
+        for runtime, key in FLOORS.items():
+            runners[key] = _runner(runtime, "int8", floors[runtime], threads)
         timings[str(threads)] = _time_interleaved(runners, x, args.warmup, args.rounds)
     rows = {}
     for r in RUNTIMES:
@@ -150,6 +169,13 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
         "drop_vs_fp32": (None if base is None or prelu_op["accuracy"] is None
                          else base - prelu_op["accuracy"]),
         "latency": {t: timings[t][PRELU_OP] for t in timings}}
+    for runtime, key in FLOORS.items():
+        rows[key] = {
+            "runtime": runtime, "precision": "int8 without PReLU (profiling floor, not shipped)",
+            "file": floors[runtime][0].name,
+            "bytes": sum(f.stat().st_size for f in floors[runtime]),
+            "max_one_minus_cos_vs_torch": None, "accuracy": None, "drop_vs_fp32": None,
+            "latency": {t: timings[t][key] for t in timings}}
     goals = {}
     for r in RUNTIMES:
         fp32, int8 = rows[f"{r}/fp32"], rows[f"{r}/int8"]
@@ -158,6 +184,11 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
             cpu = int8["latency"][t]["cpu_median_ms"] / fp32["latency"][t]["cpu_median_ms"]
             goals[f"{r} int8/fp32 latency, {t} thread(s)"] = {
                 "wall": wall, "cpu": cpu, "goal": 0.5, "met": wall <= 0.5 and cpu <= 0.5}
+            if r in FLOORS:
+                floor = rows[FLOORS[r]]["latency"][t]
+                goals[f"{r} int8/fp32 latency, {t} thread(s)"]["floor_without_prelu"] = {
+                    "wall": floor["median_ms"] / fp32["latency"][t]["median_ms"],
+                    "cpu": floor["cpu_median_ms"] / fp32["latency"][t]["cpu_median_ms"]}
         drop = int8["drop_vs_fp32"]
         goals[f"{r} int8 accuracy drop"] = {
             "drop": drop, "goal": 0.01, "met": None if drop is None else drop <= 0.01}
@@ -167,7 +198,7 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
             best = min(RUNTIMES, key=lambda r, p=p, t=t: rows[f"{r}/{p}"]["latency"][t]
                        ["cpu_median_ms"])
             fastest[f"{p}, {t} thread(s)"] = best
-        best = min((k for k in rows if k != PRELU_OP),
+        best = min((k for k in rows if k not in EXTRA),
                    key=lambda k, t=t: rows[k]["latency"][t]["cpu_median_ms"])
         fastest[f"any, {t} thread(s)"] = best
     model = cards["onnxruntime"]["model"]
@@ -259,7 +290,7 @@ def _markdown(r: dict) -> str:
             drop = row["drop_vs_fp32"]
             lines.append(
                 f"| {row['runtime']} | {row['precision']} | {row['bytes'] / 1e6:.2f} | "
-                f"{row['max_one_minus_cos_vs_torch']:.2e} | "
+                f"{_sci(row['max_one_minus_cos_vs_torch'])} | "
                 f"{'–' if acc is None else f'{acc:.4f}'} | "
                 f"{'–' if drop is None else f'{drop:+.4f}'} | "
                 + " | ".join(f"{row['latency'][t]['median_ms']:.2f} | "
@@ -273,12 +304,19 @@ def _markdown(r: dict) -> str:
                 met = "–" if g["met"] is None else ("yes" if g["met"] else "**no**")
                 lines.append(f"| {name} | {value} | ≤ {g['goal']} | {met} |")
             else:
-                lines.append(f"| {name} | wall {g['wall']:.3f}, CPU {g['cpu']:.3f} | "
+                floor = g.get("floor_without_prelu")
+                note = "" if floor is None else (
+                    f" (without PReLU: wall {floor['wall']:.3f}, CPU {floor['cpu']:.3f})")
+                lines.append(f"| {name} | wall {g['wall']:.3f}, CPU {g['cpu']:.3f}{note} | "
                              f"≤ {g['goal']} | {'yes' if g['met'] else '**no**'} |")
         lines += ["", "Fastest (CPU median): " + "; ".join(
             f"{k}: {v}" for k, v in a["fastest"].items()) + ".", ""]
     lines += [f"Command: `{r['command']}` ({r['seconds'] / 60:.1f} min)", ""]
     return "\n".join(lines)
+
+
+def _sci(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2e}"
 
 
 if __name__ == "__main__":
