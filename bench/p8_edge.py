@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([".venv/bin/python -m bench.p8_edge",
                              *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
-                    "machine": platform.machine(), "load_average_1m_before": load_before,
+                    "machine": platform.machine(), **_cpu(), "load_average_1m_before": load_before,
                     "load_average_1m_after": os.getloadavg()[0],
                     "onnxruntime": onnxruntime.__version__, "ncnn": ncnn.__version__,
                     "pnnx": versions().get("pnnx"),
@@ -276,7 +276,9 @@ def _markdown(r: dict) -> str:
         f"INT8 calibrated on the same {r['calibration_images']} images) and run in its own "
         f"package: onnxruntime {m['onnxruntime']}, ncnn {m['ncnn']} (pnnx {m['pnnx']}), "
         f"ai-edge-litert {m['ai_edge_litert']} (XNNPACK). {m['cpu_count']} CPUs "
-        f"({m['machine']}); 1-minute load average {m['load_average_1m_before']:.1f} before, "
+        f"({m.get('cpu_model') or m['machine']}; "
+        f"{', '.join(m.get('cpu_int8_flags') or []) or 'no AVX2/AVX-512/VNNI/AMX flags'}); "
+        f"1-minute load average {m['load_average_1m_before']:.1f} before, "
         f"{m['load_average_1m_after']:.1f} after: the machine is shared, so compare ratios "
         f"and CPU ms (`time.process_time` per call) rather than absolute wall times.", ""]
     for a in r["archs"]:
@@ -313,6 +315,21 @@ def _markdown(r: dict) -> str:
             f"{k}: {v}" for k, v in a["fastest"].items()) + ".", ""]
     lines += [f"Command: `{r['command']}` ({r['seconds'] / 60:.1f} min)", ""]
     return "\n".join(lines)
+
+
+def _cpu() -> dict:
+    """CPU model and the ISA flags the runtimes' INT8 kernels dispatch on (VNNI or not is
+    what decides whether x86 INT8 convolutions beat FP32 ones)."""
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return {"cpu_model": model, "cpu_int8_flags": [f for f in wanted if f in flags]}
 
 
 def _sci(value: float | None) -> str:
