@@ -276,8 +276,7 @@ def _markdown(r: dict) -> str:
         f"INT8 calibrated on the same {r['calibration_images']} images) and run in its own "
         f"package: onnxruntime {m['onnxruntime']}, ncnn {m['ncnn']} (pnnx {m['pnnx']}), "
         f"ai-edge-litert {m['ai_edge_litert']} (XNNPACK). {m['cpu_count']} CPUs "
-        f"({m.get('cpu_model') or m['machine']}; "
-        f"{', '.join(m.get('cpu_int8_flags') or []) or 'no AVX2/AVX-512/VNNI/AMX flags'}); "
+        f"({m.get('cpu_model') or m['machine']}{_flags(m.get('cpu_int8_flags'))}); "
         f"1-minute load average {m['load_average_1m_before']:.1f} before, "
         f"{m['load_average_1m_after']:.1f} after: the machine is shared, so compare ratios "
         f"and CPU ms (`time.process_time` per call) rather than absolute wall times.", ""]
@@ -330,6 +329,12 @@ def _cpu() -> dict:
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
                   if line.startswith("flags")), [])
     return {"cpu_model": model, "cpu_int8_flags": [f for f in wanted if f in flags]}
+
+
+def _flags(flags: list[str] | None) -> str:
+    if flags is None:  # a result written before the bench recorded them
+        return ""
+    return "; " + (", ".join(flags) or "no AVX2/AVX-512/VNNI/AMX flags")
 
 
 def _sci(value: float | None) -> str:
