@@ -75,7 +75,7 @@ def _export_all(ckpt: Path, workdir: Path, calib: Path, calib_count: int,
 def _litert_int8_prelu_op(ckpt: Path, workdir: Path, calib: Path, count: int,
                           eval_bin: str | None) -> dict:
     """The LiteRT INT8 file quantised from the plain graph (PRELU ops, which XNNPACK does
-    not run in INT8), to show what writing PReLU as 1x1 depthwise convs changes."""
+    not run in INT8), to show what writing PReLU as a 1x1 depthwise conv + ADD changes."""
     import onnx
 
     from facekd.export.calibration import load_calibration_images
