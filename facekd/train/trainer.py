@@ -479,9 +479,10 @@ class Trainer:
         if not self.partial_fc:
             self.replicated += [p for p in self.head.parameters() if p.requires_grad]
         # Clipped like arcface_torch: the backbone alone. A method's own parts (FRSKD's
-        # self-teacher and its s = 64 head, connectors) are clipped as a group of their
-        # own, so their fresh, large gradients never shrink the backbone's update. Both
-        # groups are replicated on every rank, so each clip factor is too.
+        # self-teacher and its head, connectors) are clipped as a group of their own, so
+        # their fresh, large gradients are not counted in the backbone's norm (what their
+        # losses send into the backbone still is). Both groups are replicated on every
+        # rank, so each clip factor is too.
         self.clip_groups = [group for group in (
             [p for p in self.student.parameters() if p.requires_grad],
             [p for p in self.method.parameters() if p.requires_grad]) if group]
