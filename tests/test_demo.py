@@ -28,10 +28,16 @@ def test_gap_share_printed_only_where_the_gap_exceeds_its_interval():
     assert "within its interval, no share" in none and "%" not in none
 
 
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """One finished tiny demo at seed 0: (folder, report)."""
+    out = tmp_path_factory.mktemp("demo") / "s0"
+    return out, run_demo(out, preset="tiny")
+
+
 @pytest.mark.slow
-def test_tiny_demo_runs_every_stage_and_resumes(tmp_path):
-    out = tmp_path / "demo"
-    report = run_demo(out, preset="tiny")
+def test_tiny_demo_runs_every_stage_and_resumes(tiny_demo):
+    out, report = tiny_demo
     text = report.read_text()
     for name in ("teacher", "student alone", "student + SRD", "lfw acc", "IJBC"):
         assert name in text
@@ -54,3 +60,29 @@ def test_tiny_demo_runs_every_stage_and_resumes(tmp_path):
     run_demo(out, preset="tiny")
     assert (out / "runs" / "teacher" / "student.pt").stat().st_mtime_ns == mtime
     assert json.loads((out / "eval" / "compare_rows.json").read_text())["rows"] == rows
+
+
+@pytest.mark.slow
+def test_demo_seeds_reads_two_finished_demos(tiny_demo, tmp_path):
+    from bench.demo_seeds import main
+
+    outs = [tiny_demo[0], tmp_path / "s1"]
+    run_demo(outs[1], preset="tiny", seed=1)
+    results = tmp_path / "results"
+    assert main([*map(str, outs), "--results", str(results)]) == 0
+    summary = json.loads((results / "demo_seeds.json").read_text())
+    assert [d["seed"] for d in summary["demos"]] == [0, 1]
+    rows = [json.loads((o / "eval" / "compare_rows.json").read_text())["rows"] for o in outs]
+    metric = "lfw acc"
+    entry = summary["metrics"][metric]
+    for i, name in enumerate(("teacher", "student alone", "student + SRD")):
+        seen = [r[i]["cells"][metric]["value"] for r in rows]
+        assert [v["value"] for v in entry["values"][name]] == pytest.approx(seen)
+        assert entry["spread"][name] == pytest.approx(max(seen) - min(seen))
+    gap = entry["gaps"]["teacher - student alone"][1]
+    assert gap["value"] == pytest.approx(rows[1][0]["cells"][metric]["value"]
+                                         - rows[1][1]["cells"][metric]["value"])
+    assert gap["low"] <= gap["value"] <= gap["high"]
+    # every TAR of the tiny sets is below its floor: left out, not printed as a number
+    assert all(v is None for k, v in summary["metrics"].items() if "tar@" in k)
+    assert "| lfw acc | teacher |" in (results / "demo_seeds.md").read_text()
