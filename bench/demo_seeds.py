@@ -93,7 +93,7 @@ def markdown(demos: list[dict[str, Any]], summary: dict[str, Any], command: str)
             lines.append(f"| {metric} | {name} | " + " | ".join(cells)
                          + f" | {entry['spread'][name]:.2f} |")
     lines += ["", "| metric | gap | " + " | ".join(f"seed {s}" for s in seeds)
-              + " | > 0 on every seed |", "|---|---|" + "---:|" * len(seeds) + "---|"]
+              + " | interval above 0 on every seed |", "|---|---|" + "---:|" * len(seeds) + "---|"]
     for metric, entry in summary.items():
         if entry is None:
             continue

@@ -61,11 +61,11 @@ PART_VERSIONS = {"cfp_fp": 2, "ijb": 2}
 # Yaw (degrees) of the CFP-FP-like set. Training poses are N(0, 14 deg) clipped at 50,
 # so profiles at 45-70 deg lay outside anything a model learnt from: no model could
 # carry its training to them and the ranking of models there was noise. Profiles at
-# 30-50 deg sit in the training tail (about 3 % of training images turn that far). Which
-# of the demo's teacher and student alone ranks first here depends on the training seed
-# (bench/results/cfp_pose.md, 7,000 pairs): -1.66 [-3.07, -0.52] points on seed 0,
-# +1.49 [+0.12, +2.70] on seed 1; the 1,000-pair set the demo writes cannot resolve
-# either (intervals 8-9 points wide).
+# 30-50 deg sit in the training tail (about 3 % of training images turn that far). At
+# 7,000 pairs (the demo's size since its 1,000 could not resolve a gap) the demo's
+# 6-epoch teacher is above its student alone on both seeds measured: +0.70 [-0.86, 1.71]
+# (seed 0) and +3.69 [2.24, 4.90] (seed 1) points (bench/results/demo_seeds.md); the
+# earlier 3-epoch teacher was below it on seed 0 (bench/results/cfp_pose.md).
 CFP_FRONTAL_YAW = 8.0
 CFP_PROFILE_YAW = (30.0, 50.0)
 EVAL_IMAGES_PER_ID = 4
