@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from facekd.evaluate.stats import Estimate, Interval
+from facekd.demo import metric_estimates
+from facekd.evaluate.stats import Interval
 from facekd.fileio import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,28 +30,13 @@ MODELS = ("teacher", "student alone", "student + SRD")
 
 
 def read_demo(folder: Path) -> dict[str, Any]:
-    """One demo's seed, preset sizes and, per metric, the three models' estimates."""
+    """One demo's seed and, per metric, the three models' estimates (None below a floor)."""
     rows = json.loads((folder / "eval" / "compare_rows.json").read_text())["rows"]
     seed = json.loads((folder / "runs" / "teacher" / "summary.json").read_text())["seed"]
     with np.load(folder / "eval" / "compare_replicates.npz") as npz:
         replicates = {k: npz[k] for k in npz.files}
-    metrics: dict[str, list[Estimate] | None] = {}
-    for metric in rows[0]["cells"]:
-        cells = [r["cells"][metric] for r in rows]
-        reps = [replicates.get(f"{i}|{metric}") for i in range(len(rows))]
-        if any(c["value"] is None for c in cells) or any(r is None for r in reps):
-            metrics[metric] = None   # below the resolution floor (the demo prints n/a)
-            continue
-        metrics[metric] = [Estimate(c["value"], r) for c, r in zip(cells, reps, strict=True)]
+    metrics = {metric: metric_estimates(rows, replicates, metric) for metric in rows[0]["cells"]}
     return {"folder": str(folder), "seed": int(seed), "metrics": metrics}
-
-
-def _gap(a: Estimate, b: Estimate) -> Interval:
-    return Estimate(a.value - b.value, a.replicates - b.replicates).interval()
-
-
-def _excludes_zero(i: Interval) -> bool:
-    return bool(i.low > 0 or i.high < 0)
 
 
 def summarise(demos: list[dict[str, Any]]) -> dict[str, Any]:
@@ -65,12 +51,12 @@ def summarise(demos: list[dict[str, Any]]) -> dict[str, Any]:
                   for i, name in enumerate(MODELS)}
         spread = {name: max(v["value"] for v in vs) - min(v["value"] for v in vs)
                   for name, vs in values.items()}
-        gaps = {"teacher - student alone": [_gap(p[0], p[1]) for p in per_seed],
-                "SRD - student alone": [_gap(p[2], p[1]) for p in per_seed]}
+        gaps = {"teacher - student alone": [p[0].minus(p[1]).interval() for p in per_seed],
+                "SRD - student alone": [p[2].minus(p[1]).interval() for p in per_seed]}
         out[metric] = {
             "values": values, "spread": spread,
             "gaps": {k: [g.as_dict() for g in v] for k, v in gaps.items()},
-            "gap_on_every_seed": {k: all(_excludes_zero(g) and g.value > 0 for g in v)
+            "gap_on_every_seed": {k: all(g.excludes_zero() and g.value > 0 for g in v)
                                   for k, v in gaps.items()}}
     return out
 

@@ -39,7 +39,7 @@ def ncnn_int8_without_prelu(param: Path, weights: Path, workdir: Path,
                             calib: np.ndarray) -> list[Path]:
     """The FP32 NCNN pair with its PReLU layers cut out, then INT8 as ``export ncnn
     --int8`` does (same calibration images)."""
-    from facekd.export.ncnn_export import quantize_int8, read_param, read_weights
+    from facekd.export.ncnn_export import quantize_int8, read_param, read_weights, write_param
 
     layers, blob_count = read_param(param)
     read_weights(layers, weights)
@@ -52,9 +52,7 @@ def ncnn_int8_without_prelu(param: Path, weights: Path, workdir: Path,
         else:
             kept.append(layer)
     float_param, float_bin = workdir / "no_prelu.param", workdir / "no_prelu.bin"
-    float_param.write_text("\n".join(
-        ["7767517", f"{len(kept)} {blob_count}", *(layer.line() for layer in kept), ""]),
-        encoding="utf-8")
+    write_param(float_param, kept, blob_count)
     chunks = []
     for layer in kept:
         for kind, value in layer.blobs:

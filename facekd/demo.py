@@ -19,7 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from facekd.evaluate.stats import Estimate
 
 log = logging.getLogger(__name__)
 
@@ -225,27 +228,39 @@ def _cache_complete(cache: Path) -> bool:
     return bool(json.loads((cache / "meta.json").read_text()).get("complete"))
 
 
+def metric_estimates(rows: list[dict[str, Any]], replicates: dict[str, Any],
+                     metric: str) -> list[Estimate] | None:
+    """The models' estimates of one metric (rows in ``run_compare``'s order, replicates
+    keyed ``"{row}|{metric}"``); None where a value is below its resolution floor or a
+    replicate array is missing."""
+    from facekd.evaluate.stats import Estimate
+
+    cells = [r["cells"][metric] for r in rows]
+    reps = [replicates.get(f"{i}|{metric}") for i in range(len(rows))]
+    if any(c["value"] is None for c in cells) or any(r is None for r in reps):
+        return None
+    return [Estimate(c["value"], r) for c, r in zip(cells, reps, strict=True)]
+
+
 def gap_lines(rows: list[dict[str, Any]], replicates: dict[str, Any]) -> list[str]:
     """Per metric, the teacher-student gap and the share SRD closes, each with its
     interval; the share only where the gap exceeds its interval (rows: teacher, student
     alone, student + SRD, as ``run_compare`` returns them)."""
-    from facekd.evaluate.stats import Estimate, gap_closed
+    from facekd.evaluate.stats import gap_closed
 
     lines = []
     for metric in rows[0]["cells"]:
-        cells = [r["cells"][metric] for r in rows]
-        reps = [replicates.get(f"{i}|{metric}") for i in range(3)]
-        if any(c["value"] is None for c in cells):
+        if any(r["cells"][metric]["value"] is None for r in rows):
             continue  # below the protocol's resolution floor: the table says so
-        if any(r is None for r in reps):
+        estimates = metric_estimates(rows, replicates, metric)
+        if estimates is None:
             lines.append(f"- {metric}: no intervals")
             continue
-        t, a, m = (Estimate(c["value"], r) for c, r in zip(cells, reps, strict=True))
-        gap = Estimate(t.value - a.value, t.replicates - a.replicates).interval()
+        t, a, m = estimates
         share = gap_closed(t, a, m)
-        text = (f"- {metric}: teacher - student alone {gap.format(2)} points; "
-                + ("the gap is within its interval, no share" if share is None
-                   else f"SRD closes {share.scaled(100).format(0)} % of it"))
+        text = (f"- {metric}: teacher - student alone {t.minus(a).interval().format(2)} "
+                "points; " + ("the gap is within its interval, no share" if share is None
+                              else f"SRD closes {share.scaled(100).format(0)} % of it"))
         lines.append(text)
     return lines
 

@@ -78,6 +78,10 @@ class Interval:
     def as_dict(self) -> dict[str, float]:
         return {"value": self.value, "low": self.low, "high": self.high}
 
+    def excludes_zero(self) -> bool:
+        """Whether 0 lies outside the interval (False for NaN bounds)."""
+        return bool(self.low > 0 or self.high < 0)
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -92,6 +96,10 @@ class Estimate:
 
     def interval(self, level: float = LEVEL) -> Interval:
         return percentile_interval(self.value, self.replicates, level)
+
+    def minus(self, other: Estimate) -> Estimate:
+        """The paired difference ``self - other``, replicate by replicate."""
+        return Estimate(self.value - other.value, self.replicates - other.replicates)
 
 
 def percentile_interval(value: float, replicates: np.ndarray, level: float = LEVEL) -> Interval:
@@ -113,9 +121,8 @@ def gap_closed(teacher: Estimate, alone: Estimate, method: Estimate,
 
     The three estimates must carry paired replicates (same protocol, clusters and seed).
     """
-    gap = Estimate(teacher.value - alone.value, teacher.replicates - alone.replicates)
-    gi = gap.interval(level)
-    if not (gi.low > 0 or gi.high < 0):  # also None for NaN bounds
+    gap = teacher.minus(alone)
+    if not gap.interval(level).excludes_zero():  # also None for NaN bounds
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         share = (method.replicates - alone.replicates) / gap.replicates

@@ -199,6 +199,12 @@ def read_param(path: Path) -> tuple[list[_Layer], int]:
     return layers, blob_count
 
 
+def write_param(path: Path, layers: list[_Layer], blob_count: int) -> None:
+    """The text ``.param`` of ``layers``, as :func:`read_param` reads it."""
+    text = ["7767517", f"{len(layers)} {blob_count}", *(layer.line() for layer in layers), ""]
+    path.write_text("\n".join(text), encoding="utf-8")
+
+
 def _weight_blob(data: memoryview, pos: int, count: int, where: str) -> tuple[np.ndarray, int]:
     """One tagged weight blob (NCNN ModelBin type 0): float32, or FP16 after its tag."""
     (tag,) = struct.unpack_from("<I", data, pos)
@@ -299,8 +305,7 @@ def quantize_int8(param: Path, weights: Path, out_param: Path, out_bin: Path,
             count += 1
         else:
             chunks += [v.astype(np.float32).tobytes() for _, v in layer.blobs]
-    text = ["7767517", f"{len(layers)} {blob_count}", *(layer.line() for layer in layers), ""]
-    out_param.write_text("\n".join(text), encoding="utf-8")
+    write_param(out_param, layers, blob_count)
     out_bin.write_bytes(b"".join(chunks))
     return {"scheme": "ncnn int8 (ncnn2int8 layout)", "weights": "int8 per output channel",
             "activations": "int8 per layer input, symmetric", "calibration": "MinMax (max |x|)",
