@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from facekd.demo import metric_estimates
+from facekd.errors import FacekdError
 from facekd.evaluate.stats import Interval
 from facekd.fileio import write_json_atomic, write_text_atomic
 
@@ -29,8 +31,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("teacher", "student alone", "student + SRD")
 
 
+NEEDED = ("eval/compare_rows.json", "eval/compare_replicates.npz", "runs/teacher/summary.json")
+
+
 def read_demo(folder: Path) -> dict[str, Any]:
     """One demo's seed and, per metric, the three models' estimates (None below a floor)."""
+    missing = [name for name in NEEDED if not (folder / name).is_file()]
+    if missing:
+        raise FacekdError(f"{folder}: not a finished facekd demo (no {missing[0]}); "
+                          f"run `facekd demo --out {folder}` first")
     rows = json.loads((folder / "eval" / "compare_rows.json").read_text())["rows"]
     seed = json.loads((folder / "runs" / "teacher" / "summary.json").read_text())["seed"]
     with np.load(folder / "eval" / "compare_replicates.npz") as npz:
@@ -96,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("demos", nargs="+", type=Path, help="finished facekd demo folders")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    demos = [read_demo(folder) for folder in args.demos]
+    try:
+        demos = [read_demo(folder) for folder in args.demos]
+    except FacekdError as exc:
+        print(f"bench.demo_seeds: {exc}", file=sys.stderr)
+        return 2
     summary = summarise(demos)
     command = "python -m bench.demo_seeds " + " ".join(str(d) for d in args.demos)
     write_json_atomic(args.results / "demo_seeds.json",

@@ -86,3 +86,14 @@ def test_demo_seeds_reads_two_finished_demos(tiny_demo, tmp_path):
     # every TAR of the tiny sets is below its floor: left out, not printed as a number
     assert all(v is None for k, v in summary["metrics"].items() if "tar@" in k)
     assert "| lfw acc | teacher |" in (results / "demo_seeds.md").read_text()
+
+
+def test_demo_seeds_names_an_unfinished_demo(tmp_path, capsys):
+    from bench.demo_seeds import main
+
+    (tmp_path / "half" / "eval").mkdir(parents=True)
+    assert main([str(tmp_path / "half"), "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "half: not a finished facekd demo (no eval/compare_rows.json)" in err[0]
+    assert not (tmp_path / "results").exists()
