@@ -13,8 +13,9 @@ and each onnxruntime file. Two more files put the INT8 gain in context:
   recipe uses (grouped conv split, slopes folded, stem input padded to 4 channels, PRelu
   as Max(x, a*x)), so the INT8 gain is not credited with what the rewrites alone give.
 
-Timings are interleaved round-robin (one call of each engine per round, order rotated)
-so machine load hits every engine alike; the table reports wall and CPU-time
+Timings are blocks of consecutive calls per engine, in three passes with the order
+rotated (:func:`time_blocks`), so machine load hits every engine alike and no engine's
+spinning worker threads slow the next; the table reports wall and CPU-time
 (``time.process_time``) medians and ratios of both. The onnxruntime profiler gives the
 kernel time per op type (median per node over the profiled runs).
 
@@ -26,6 +27,7 @@ Run: ``.venv/bin/python -m bench.p6_latency`` (writes bench/results/p6_latency.{
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -140,26 +142,43 @@ def _torch_runner(model, threads: int):
     return run
 
 
-def _time_interleaved(runners: dict, x: np.ndarray, warmup: int, rounds: int) -> dict:
-    """Per-engine wall and CPU-time latencies (ms), round-robin, one call each per round."""
-    for _ in range(warmup):
-        for run in runners.values():
-            run(x)
+PASSES = 3        # passes over the files; each file's calls in one block per pass
+PAUSE_S = 0.1     # between blocks: longer than any runtime's spin-wait after a call
+
+
+def time_blocks(runners: dict, x: np.ndarray, warmup: int, rounds: int) -> dict:
+    """Per-file wall and CPU-time latencies (ms) of ``rounds`` calls each.
+
+    ``PASSES`` passes over the files, order rotated each pass; per pass each file gets a
+    block of ``warmup`` untimed then ``rounds / PASSES`` timed consecutive calls, after a
+    pause. Blocks rather than one call per file per round: every ONNX Runtime session,
+    NCNN's OpenMP and LiteRT's XNNPACK keep worker threads that spin-wait after a call,
+    and on 2 cores a previous file's spinning thread takes the core the next file's
+    second thread needs (measured, ``mbf`` FP32 at 2 threads: LiteRT 6.7 ms called
+    between ONNX Runtime and NCNN calls, 3.3 ms called alone; NCNN 10.1 vs 6.3 ms). The
+    passes still spread a busy spell of the machine over every file.
+    """
+    per_pass = max(1, math.ceil(rounds / PASSES))
     wall: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(rounds):
-        names = list(runners)
-        names = names[r % len(names):] + names[:r % len(names)]   # rotate the order
-        for name in names:
-            cpu_start, start = time.process_time(), time.perf_counter()
-            runners[name](x)
-            wall[name].append((time.perf_counter() - start) * 1e3)
-            cpu[name].append((time.process_time() - cpu_start) * 1e3)
+    names = list(runners)
+    for n in range(PASSES):
+        for name in names[n % len(names):] + names[:n % len(names)]:
+            time.sleep(PAUSE_S)
+            run = runners[name]
+            for _ in range(warmup):
+                run(x)
+            for _ in range(per_pass):
+                cpu_start, start = time.process_time(), time.perf_counter()
+                run(x)
+                wall[name].append((time.perf_counter() - start) * 1e3)
+                cpu[name].append((time.process_time() - cpu_start) * 1e3)
     return {name: {"median_ms": float(np.median(wall[name])),
                    "p10_ms": float(np.percentile(wall[name], 10)),
                    "p90_ms": float(np.percentile(wall[name], 90)),
                    "cpu_median_ms": float(np.median(cpu[name])),
-                   "cpu_p10_ms": float(np.percentile(cpu[name], 10)), "runs": rounds}
+                   "cpu_p10_ms": float(np.percentile(cpu[name], 10)),
+                   "runs": len(wall[name])}
             for name in runners}
 
 
@@ -246,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         runners = {"torch_eager": _torch_runner(student.model, args.threads)}
         runners.update({name: _ort_runner(path, args.threads) for name, path in files.items()})
         x = to_model_input(synthetic_aligned_faces(1, seed=77))
-        timings = _time_interleaved(runners, x, args.warmup, args.rounds)
+        timings = time_blocks(runners, x, args.warmup, args.rounds)
         profiles = {name: _op_profile(files[name], x, args.threads, args.profile_runs,
                                       workdir) for name in ENGINES_PROFILED}
         sizes = {name: path.stat().st_size for name, path in files.items()}
@@ -302,8 +321,9 @@ def _markdown(r: dict) -> str:
         f"# P6: batch-1 CPU latency, `{r['arch']}` ({r['params'] / 1e6:.2f} M params, "
         f"{r['macs'] / 1e9:.3f} GMACs)",
         "",
-        f"{r['threads']} thread(s) per engine, {r['rounds']} interleaved rounds after "
-        f"{r['warmup']} warm-up rounds; weights: {r['weights']}. 1-minute load average at the "
+        f"{r['threads']} thread(s) per engine, {r['rounds']} calls each in {PASSES} passes "
+        f"of blocks (order rotated), each block after {r['warmup']} warm-up calls; "
+        f"weights: {r['weights']}. 1-minute load average at the "
         f"end: {r['machine']['load_average_1m']:.1f} on {r['machine']['cpu_count']} CPUs. "
         f"CPU ms is `time.process_time` per call: on a shared machine it is the steadier "
         f"measure (wall time includes waiting for a core).",

@@ -6,10 +6,12 @@ with non-trivial BatchNorm statistics and PReLU slopes U(-0.2, 1.3), as in P6, u
 commands (``export_onnx`` and ``export_edge`` for ncnn and tflite, FP16 + INT8, INT8
 calibrated on the same images for all three: 256 synthetic aligned faces in a temporary
 .bin unless ``--calib-data``), then times a batch of one aligned face in each runtime's
-Python package on 1 and 2 threads. Calls are interleaved round-robin (order rotated) so
-machine load hits every file alike; wall and CPU-time (``time.process_time``) medians are
-reported, and the load average before and after. With ``--eval-bin`` (meaningful with a
-trained checkpoint) each file's verification accuracy is measured in its runtime.
+Python package on 1 and 2 threads. Each file's calls run in blocks, three passes with the
+order rotated (:func:`bench.p6_latency.time_blocks`: no runtime's spinning worker threads
+slow the next file, and machine load hits every file alike); wall and CPU-time
+(``time.process_time``) medians are reported, and the load average before and after.
+With ``--eval-bin`` (meaningful with a trained checkpoint) each file's verification
+accuracy is measured in its runtime.
 
 Goals (issue 18): each runtime's INT8 within 1 point of its FP32 accuracy and <= 0.5x
 its FP32 latency; and which runtime is fastest for these models here. One more row,
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.p6_latency import _calibration_bin, _ort_runner, _student, _time_interleaved
+from bench.p6_latency import PASSES, _calibration_bin, _ort_runner, _student, time_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNTIMES = ("onnxruntime", "ncnn", "litert")
@@ -147,7 +149,7 @@ def _bench_arch(arch: str, args: argparse.Namespace, workdir: Path) -> dict:
         runners[PRELU_OP] = _runner("litert", "int8", [prelu_op["path"]], threads)
         for runtime, key in FLOORS.items():
             runners[key] = _runner(runtime, "int8", floors[runtime], threads)
-        timings[str(threads)] = _time_interleaved(runners, x, args.warmup, args.rounds)
+        timings[str(threads)] = time_blocks(runners, x, args.warmup, args.rounds)
     rows = {}
     for r in RUNTIMES:
         for p in PRECISIONS:
@@ -271,8 +273,10 @@ def _markdown(r: dict) -> str:
     threads = [str(t) for t in r["threads"]]
     lines = [
         "# P8: batch-1 latency on the on-device runtimes (CPU)", "",
-        f"{r['rounds']} interleaved rounds after {r['warmup']} warm-up rounds per thread "
-        f"count; every file exported by facekd (`export onnx`, `export ncnn`, `export tflite`, "
+        f"{r['rounds']} calls per file and thread count, in {PASSES} passes of blocks "
+        f"(order rotated; each block after {r['warmup']} warm-up calls and a pause, so no "
+        f"runtime's spinning worker threads slow the next file); every file exported by "
+        f"facekd (`export onnx`, `export ncnn`, `export tflite`, "
         f"INT8 calibrated on the same {r['calibration_images']} images) and run in its own "
         f"package: onnxruntime {m['onnxruntime']}, ncnn {m['ncnn']} (pnnx {m['pnnx']}), "
         f"ai-edge-litert {m['ai_edge_litert']} (XNNPACK). {m['cpu_count']} CPUs "

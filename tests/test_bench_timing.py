@@ -1,0 +1,42 @@
+"""The latency benches' timer (bench.p6_latency.time_blocks): each file's calls run as
+one block per pass, passes rotate the order, and every file gets the asked-for calls.
+
+Blocks are what keep one runtime's spin-waiting worker threads from slowing the next
+file at 2 threads (see its docstring); one call per file per round would pass the
+call-count checks but fail the block check.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from bench import p6_latency
+
+
+def _recording_runners(names: list[str], log: list[str]) -> dict:
+    def runner(name: str):
+        return lambda x: log.append(name)
+
+    return {name: runner(name) for name in names}
+
+
+def test_each_file_is_timed_in_one_block_per_pass_with_rotated_order(monkeypatch) -> None:
+    monkeypatch.setattr(p6_latency, "PAUSE_S", 0.0)
+    log: list[str] = []
+    names = ["ort", "ncnn", "litert"]
+    warmup, rounds = 2, 7
+    result = p6_latency.time_blocks(_recording_runners(names, log), np.zeros(1), warmup, rounds)
+
+    per_pass = -(-rounds // p6_latency.PASSES)
+    block = warmup + per_pass
+    assert len(log) == p6_latency.PASSES * len(names) * block
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(log)]
+    assert runs == [(name, block) for name, _ in runs]   # consecutive calls, one block each
+    assert len(runs) == p6_latency.PASSES * len(names)
+    firsts = [runs[p * len(names)][0] for p in range(p6_latency.PASSES)]
+    assert firsts == names[:p6_latency.PASSES]           # each pass starts one file later
+    for name in names:
+        assert result[name]["runs"] == p6_latency.PASSES * per_pass
+        assert result[name]["median_ms"] >= 0 and result[name]["cpu_median_ms"] >= 0
