@@ -154,9 +154,10 @@ def time_blocks(runners: dict, x: np.ndarray, warmup: int, rounds: int) -> dict:
     pause. Blocks rather than one call per file per round: every ONNX Runtime session,
     NCNN's OpenMP and LiteRT's XNNPACK keep worker threads that spin-wait after a call,
     and on 2 cores a previous file's spinning thread takes the core the next file's
-    second thread needs (measured, ``mbf`` FP32 at 2 threads: LiteRT 6.7 ms called
-    between ONNX Runtime and NCNN calls, 3.3 ms called alone; NCNN 10.1 vs 6.3 ms). The
-    passes still spread a busy spell of the machine over every file.
+    second thread needs (``bench.timer_crosstalk``, ``mbf`` FP32 at 2 threads: LiteRT
+    7.4 ms timed round-robin with ONNX Runtime and NCNN, 3.3 ms in blocks; NCNN 10.2 vs
+    5.2 ms; at 1 thread within 6 %). The passes still spread a busy spell of the machine
+    over every file.
     """
     per_pass = max(1, math.ceil(rounds / PASSES))
     wall: dict[str, list[float]] = {name: [] for name in runners}
