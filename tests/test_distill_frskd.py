@@ -198,3 +198,24 @@ def test_soft_kd_by_hand_at_t4():
     p_t, p_s = (t / 4).softmax(1), (s / 4).softmax(1)
     by_hand = (p_t * (p_t.log() - p_s.log())).sum(1).mean() * 16
     assert out["soft"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("soft_target", ["kd", "cosine"])
+def test_reads_student_head_says_what_forward_does(soft_target):
+    from facekd.distill import get_method_class
+    from facekd.distill.base import parse_params
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner, self.read = inner, False
+
+        def __getattr__(self, name):
+            self.read = True
+            return getattr(self.inner, name)
+
+    torch.manual_seed(0)
+    head = Spy(_StandInHead("arcface", 6, 5, scale=16.0))
+    _frskd(soft_target=soft_target)(StudentOutput(torch.randn(4, 6), _maps(), head=head),
+                                    None, torch.tensor([0, 3, -1, 4]))
+    cls = get_method_class("frskd")
+    assert cls.reads_student_head(parse_params(cls, {"soft_target": soft_target})) is head.read

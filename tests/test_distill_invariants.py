@@ -76,3 +76,35 @@ def test_duplicate_and_zero_rows_keep_gradients_finite(name):
     total.backward()
     assert torch.isfinite(total)
     assert torch.isfinite(emb.grad).all()
+
+
+class SpyHead:
+    """A student head that records whether a method read it."""
+
+    def __init__(self, inner: CosHead) -> None:
+        self.inner, self.read = inner, False
+
+    def __getattr__(self, name):
+        self.read = True
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("none", {}), ("kd", {}), ("feature", {"connector": False}), ("rkd", {}),
+    ("srd", {"margin_on_labelled": True}), ("refilled", {"stage": 1, "mining": "all"}),
+    ("refilled", {"stage": 2}), ("adadistill", {}), ("ekd", {}),
+])
+def test_reads_student_head_says_what_forward_does(name, params):
+    """The trainer replicates the head for methods that declare they read it (a sharded
+    Partial FC has no rank's full class set); the declaration must match forward."""
+    from facekd.distill import get_method_class
+    from facekd.distill.base import parse_params
+
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(3, 4), dim=1)
+    method = create_method(name, student_dim=4, teacher_dim=4, num_classes=3, params=params)
+    head = SpyHead(CosHead(centres, 16.0))
+    method(StudentOutput(torch.randn(6, 4), head=head),
+           TeacherOutput(torch.randn(6, 4), centres, 16.0), torch.tensor([0, 0, 1, 1, 2, 2]))
+    cls = get_method_class(name)
+    assert cls.reads_student_head(parse_params(cls, params)) is head.read

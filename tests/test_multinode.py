@@ -231,3 +231,46 @@ def test_nodes_without_a_shared_folder_stop_with_one_line(tmp_path):
         assert "rank 0 cannot see" in cache_error and "written by rank 1" in cache_error
         assert "filesystem every node shares" in cache_error
         assert "rank 1 cannot read" in resume_error and "step-00000003.pt" in resume_error
+
+
+@pytest.mark.slow
+def test_refilled_stages_run_in_one_two_node_launch_and_rerun_trains_nothing(tmp_path):
+    """REFILLED's stages are two trainer runs inside one torchrun launch: every rank leaves
+    the process group after stage 1 and joins a new one for stage 2, which starts from the
+    student rank 0 wrote. With ``partial_fc: null`` stage 1 (relations only) gets a
+    sharded Partial FC and stage 2 (it reads the student's head) a replicated one.
+    Relaunched, the run finds both stages done and trains nothing."""
+    from facekd.models import create_model
+    from facekd.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"   # a backbone with a 12-class head: its centres
+    save_checkpoint(teacher, create_model("mbf_tiny").eval(), "mbf_tiny",
+                    head={"weight": torch.randn(12, 128), "config": {"scale": 16.0}})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("run: {device: cpu}\n")
+    out = tmp_path / "run"
+    dropped = ("method.", "teacher.", "optim.epochs", "student.head.partial_fc",
+               "student.head.sample_rate")
+    argv = ["distill", str(recipe),
+            *(o for o in overrides(out, tmp_path, GLOBAL_BATCH // 2)
+              if not o.startswith(dropped)),
+            "optim.epochs=2", "method.name=refilled", f"teacher.checkpoint={teacher}",
+            "method.params={stage: two_stage, stage1_epochs: 1, "
+            "stage1_images_per_identity: 3, mining: all}"]
+    torchrun_nodes(2, argv, tmp_path / "logs")
+    stage1 = out / "stage1"
+    # stage 1: P x K batches (K = 3) of the 12 x 5 images, 12 steps; stage 2: random, 10
+    for run, steps in ((stage1, 12), (out, 10)):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == steps, run
+    assert "loss/local_kd" not in last_metrics(stage1)
+    assert float(last_metrics(out)["loss/local_kd"]) > 0
+    assert "student head replicated on all 2 ranks" not in (stage1 / "train.log").read_text()
+    assert "student head replicated on all 2 ranks" in (out / "train.log").read_text()
+    stamp = (stage1 / "student.pt").stat().st_mtime_ns
+    final = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    torchrun_nodes(2, argv, tmp_path / "logs_again")
+    assert (stage1 / "student.pt").stat().st_mtime_ns == stamp   # stage 1 not rerun
+    again = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(final[k], again[k]) for k in final)    # stage 2 trained no step

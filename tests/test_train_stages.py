@@ -52,3 +52,39 @@ def test_refilled_runs_stage_one_alone_then_stage_two_from_its_student(tmp_path)
     stamp = (stage1 / "student.pt").stat().st_mtime_ns
     train(recipe, loader_factory=factory, teacher=StandInTeacher())
     assert (stage1 / "student.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(("method", "params", "world", "partial_fc", "sample_rate", "expected"), [
+    ("feature", {}, 1, None, 1.0, False),
+    ("feature", {}, 2, None, 1.0, True),          # several ranks: sharded by default
+    ("kd", {}, 1, None, 0.5, True),               # one rank holds every row anyway
+    ("kd", {}, 2, None, 1.0, False),              # reads the head: replicated
+    ("refilled", {"stage": 1}, 2, None, 1.0, True),
+    ("refilled", {"stage": 2}, 2, None, 1.0, False),
+    ("frskd", {"soft_target": "kd"}, 2, None, 1.0, False),
+    ("frskd", {"soft_target": "cosine"}, 2, None, 1.0, True),
+    ("kd", {}, 2, False, 1.0, False),
+])
+def test_partial_fc_default_follows_world_size_and_what_the_method_reads(
+        tmp_path, method, params, world, partial_fc, sample_rate, expected):
+    from facekd.train.trainer import resolve_partial_fc
+
+    overrides = [f"method.params={params}".replace("'", ""),
+                 f"student.head.sample_rate={sample_rate}"]
+    if partial_fc is not None:
+        overrides.append(f"student.head.partial_fc={str(partial_fc).lower()}")
+    assert resolve_partial_fc(tiny_recipe(tmp_path, method, tuple(overrides)), world) is expected
+
+
+def test_a_sharded_head_for_a_head_reading_stage_fails_before_stage_one(tmp_path, monkeypatch):
+    """REFILLED stage 2 reads the student's head; with Partial FC asked for on 2 ranks the
+    launch stops at once (one line, no stage trained), not after stage 1's hours."""
+    from facekd.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, "refilled", ("optim.epochs=2", "student.head.partial_fc=true"))
+    with pytest.raises(ConfigError, match=r"method 'refilled' reads the student's head.*"
+                                          r"partial_fc: false"):
+        train(recipe, loader_factory=memory_loader_factory(), teacher=StandInTeacher())
+    assert not out.exists()

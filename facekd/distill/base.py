@@ -113,6 +113,13 @@ class DistillMethod(nn.Module):
         return list(self.default_weights)
 
     @classmethod
+    def reads_student_head(cls, params: Any) -> bool:
+        """Whether ``forward`` reads the student's margin head (its logits over all
+        classes): a Partial FC sharded across ranks holds no rank's full set, so the
+        trainer gives such a method a replicated head."""
+        return False
+
+    @classmethod
     def stages(cls, params: Any, recipe: Any) -> list[Stage]:
         """The runs a recipe of this method is split into; [] (one run) for most."""
         return []

@@ -72,6 +72,10 @@ class KD(DistillMethod):
     needs_teacher_classifier = True
     default_weights: ClassVar[dict[str, float]] = {"kd": 1.0}
 
+    @classmethod
+    def reads_student_head(cls, params: KDParams) -> bool:
+        return True
+
     def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
                 labels: Tensor) -> dict[str, Tensor]:
         teacher = self._require_teacher(teacher, centres=True)

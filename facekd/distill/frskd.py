@@ -236,6 +236,10 @@ class FRSKD(DistillMethod):
         self.head = create_head(params.head, student_dim, num_classes, scale=params.scale,
                                 margin=params.margin)
 
+    @classmethod
+    def reads_student_head(cls, params: FRSKDParams) -> bool:
+        return params.soft_target == "kd"   # KD between the two heads' logits
+
     def forward(self, student: StudentOutput, teacher: TeacherOutput | None,
                 labels: Tensor) -> dict[str, Tensor]:
         labels = labels.long()  # loaders may hand int32

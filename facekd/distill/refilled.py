@@ -149,6 +149,10 @@ class REFILLED(DistillMethod):
         self.needs_teacher_classifier = params.stage != 1
 
     @classmethod
+    def reads_student_head(cls, params: REFILLEDParams) -> bool:
+        return params.stage != 1   # stage 2's local classifier KL
+
+    @classmethod
     def stages(cls, params: REFILLEDParams, recipe: Any) -> list[Stage]:
         """Stage 1 alone (no CE, K images per identity), then stage 2 from its student."""
         if params.stage != "two_stage":

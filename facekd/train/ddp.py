@@ -64,9 +64,14 @@ def dist_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun launched (1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def init_distributed(device_choice: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group described by torchrun's variables (no-op when WORLD_SIZE<=1)."""
-    world_size = _env_int("WORLD_SIZE", 1)
+    world_size = launched_world_size()
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank if world_size > 1 else 0)
     device = pick_device(device_choice, local_rank, option="run.device")

@@ -34,6 +34,7 @@ from facekd.train.ddp import (
     barrier,
     gather_objects,
     init_distributed,
+    launched_world_size,
     mean_scalar,
     shutdown,
 )
@@ -311,6 +312,7 @@ class Trainer:
         from facekd.distill import get_method_class
 
         self.method_cls = get_method_class(self.recipe.method.name)
+        resolve_partial_fc(self.recipe, self.dist.world_size)  # refuse before the teacher
 
     def _build_teacher(self) -> None:
         """Live teacher or cache, only when the method asks for one."""
@@ -431,11 +433,10 @@ class Trainer:
     def _build_head(self) -> None:
         r = self.recipe
         h = r.student.head
-        self.partial_fc = (h.partial_fc if h.partial_fc is not None
-                           else h.sample_rate < 1.0 or self.dist.world_size > 1)
-        if not self.partial_fc and h.sample_rate < 1.0:
-            raise ConfigError("student.head.sample_rate < 1 needs Partial FC; unset "
-                              "student.head.partial_fc or set sample_rate: 1.0")
+        self.partial_fc = resolve_partial_fc(r, self.dist.world_size)
+        if h.partial_fc is None and not self.partial_fc and self.dist.world_size > 1:
+            log.info("student head replicated on all %d ranks (not Partial FC): method '%s' "
+                     "reads it", self.dist.world_size, r.method.name)
         if self.partial_fc:
             from facekd.models.partial_fc import PartialFC, PartialFCView, init_shard_like_full
 
@@ -1044,6 +1045,34 @@ class Trainer:
         return self.out
 
 
+def resolve_partial_fc(recipe: Recipe, world_size: int) -> bool:
+    """Whether the student's head is a Partial FC (else one head replicated on every rank).
+
+    ``student.head.partial_fc: null`` turns it on for ``sample_rate < 1`` or several
+    ranks, except for a method that reads the student's head (KD, REFILLED stage 2,
+    FRSKD's KD target): sharded, no rank holds every class, so such a method gets a
+    replicated head. Asked for explicitly with such a method, it is refused.
+    """
+    from facekd.distill.base import get_method_class, parse_params
+
+    h = recipe.student.head
+    cls = get_method_class(recipe.method.name)
+    reads_head = world_size > 1 and cls.reads_student_head(parse_params(cls,
+                                                                        recipe.method.params))
+    partial = h.partial_fc if h.partial_fc is not None else (
+        h.sample_rate < 1.0 or (world_size > 1 and not reads_head))
+    if partial and reads_head:
+        raise ConfigError(f"method '{recipe.method.name}' reads the student's head, which "
+                          f"Partial FC would shard across the {world_size} ranks; set "
+                          "student.head.partial_fc: false"
+                          + (" and sample_rate: 1.0" if h.sample_rate < 1.0 else "")
+                          + " (a replicated head)")
+    if not partial and h.sample_rate < 1.0:
+        raise ConfigError("student.head.sample_rate < 1 needs Partial FC; unset "
+                          "student.head.partial_fc or set sample_rate: 1.0")
+    return partial
+
+
 def train(recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
           teacher: Any = None, evaluator: Evaluator | None = None) -> Path:
     """Train per ``recipe`` (DDP when launched by torchrun); returns the run folder.
@@ -1051,7 +1080,27 @@ def train(recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
     A method trained in stages (REFILLED) runs one Trainer per stage
     (:mod:`facekd.train.stages`).
     """
-    from facekd.train.stages import run_stages
+    from facekd.train.stages import run_stages, stage_recipes
 
-    return run_stages(recipe, lambda stage: Trainer(stage, loader_factory=loader_factory,
-                                                    teacher=teacher, evaluator=evaluator).run())
+    stages = stage_recipes(recipe)
+    world_size = launched_world_size()
+    for _, stage in stages:  # a later stage's bad head fails before stage 1
+        resolve_partial_fc(stage, world_size)
+
+    def run_one(stage: Recipe) -> Path:
+        return Trainer(stage, loader_factory=loader_factory, teacher=teacher,
+                       evaluator=evaluator).run()
+
+    if len(stages) == 1 or world_size == 1:
+        return run_stages(recipe, run_one)
+    # One process group for all stages: joining a new one after destroy_process_group
+    # hung in gloo's rendezvous under torchrun (tests/test_multinode.py, REFILLED).
+    import torch.distributed as dist
+
+    already = dist.is_available() and dist.is_initialized()
+    info, _ = init_distributed(recipe.run.device)
+    try:
+        return run_stages(recipe, run_one)
+    finally:
+        if not already:
+            shutdown(info)
