@@ -177,3 +177,22 @@ def test_onnx_fixed_batch_and_in_graph_normalisation(tmp_path):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(emb(x.numpy()), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", [b"", b"PK\x03\x04", b"\x80\x02", b"\x93NUMPY\x01\x00"])
+def test_random_bytes_are_a_checkpoint_error_never_another_exception(tmp_path, prefix):
+    """Damaged files make torch's unpickler and numpy's header parser raise anything
+    (CI once met IndexError from ``os.urandom`` bytes); each reader must turn every one
+    into the one-line CheckpointError. Seeded, so a failure reproduces."""
+    import random
+
+    from facekd.models.teacher import load_classifier
+
+    rng = random.Random(1234)
+    for i in range(150):
+        body = prefix + rng.randbytes(rng.randint(0, 400))
+        for suffix, read in ((".pt", read_checkpoint), (".npy", load_classifier)):
+            path = tmp_path / f"garbage{i}{suffix}"
+            path.write_bytes(body)
+            with pytest.raises(CheckpointError, match="garbage"):
+                read(path)

@@ -130,8 +130,9 @@ def load_classifier(spec: str | os.PathLike, embedding_size: int | None = None
     if path.suffix.lower() == ".npy":
         try:
             matrix = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
-        except (ValueError, OSError) as exc:
-            raise CheckpointError(f"{path}: not a readable .npy matrix: {exc}") from exc
+        except Exception as exc:  # a damaged header can raise anything
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{path}: not a readable .npy matrix: {reason}") from exc
     else:
         obj = read_checkpoint(path)
         if isinstance(obj, torch.Tensor):
