@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "p7_conversion_rss": "P7 peak RSS of conversions vs dataset size",
     "scale": "rec2shards, info, loader start-up, teacher cache at 1M-10M records (~25 min)",
     "p8_edge": "P8 batch-1 latency: ONNX Runtime vs NCNN vs LiteRT, FP32/FP16/INT8",
+    "frskd_clipping": "FRSKD with and without gradient clipping, validation identities",
     "timer_crosstalk": "round-robin vs block timing of three runtimes at 1 and 2 threads",
     "distill_losses": "cost of each distillation loss next to a student step",
     "synth_speed": "synthetic face generator throughput",

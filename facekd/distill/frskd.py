@@ -15,13 +15,13 @@ backbone as arcface_torch does and the method's parts (self-teacher and its head
 group of their own (``Trainer._build_optimizer``), so the self-teacher's own gradients
 are not counted in the backbone's norm. Its CE still reaches the backbone through the
 student's maps (as in the official code, ``detach_input: false``), and there it
-outweighs the student's own CE: about 5x the CE's gradient norm at initialisation (one
+outweighs the student's own CE: 5.2x the CE's gradient norm at initialisation (one
 backward of mbf_tiny on noise images), most of it entering at the 56 px map. The
 official no-clipping setting is worse here, not better: on the embedded benchmark's
-validation identities (``bench.methods``' tuning seed and recipe setting, 88 steps; its
-``tune/frskd/w1`` run again with ``optim.clip_grad=null``) TAR@FAR=1e-3 is 2.10
-unclipped against 8.43 clipped, final student CE 19.8 / 19.6 against 15.2 for the
-student trained alone.
+validation identities (``bench.methods``' tuning seed and recipe setting, 88 steps)
+TAR@FAR=1e-3 is 1.07 [0.34, 2.55] unclipped against 8.43 [5.32, 12.60] clipped, final
+student CE 19.8 / 19.6 against 15.2 for the student trained alone (both figures:
+``python -m bench.frskd_clipping``, bench/results/frskd_clipping.md).
 MobileFaceNet's 56/28/14/7 px stages halve cleanly, which the fusion needs.
 """
 
