@@ -27,7 +27,6 @@ Run: ``.venv/bin/python -m bench.p6_latency`` (writes bench/results/p6_latency.{
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -150,26 +149,26 @@ def time_blocks(runners: dict, x: np.ndarray, warmup: int, rounds: int) -> dict:
     """Per-file wall and CPU-time latencies (ms) of ``rounds`` calls each.
 
     ``PASSES`` passes over the files, order rotated each pass; per pass each file gets a
-    block of ``warmup`` untimed then ``rounds / PASSES`` timed consecutive calls, after a
-    pause. Blocks rather than one call per file per round: every ONNX Runtime session,
+    block of ``warmup`` untimed then about ``rounds / PASSES`` timed consecutive calls,
+    after a pause. Blocks rather than one call per file per round: every ONNX Runtime session,
     NCNN's OpenMP and LiteRT's XNNPACK keep worker threads that spin-wait after a call,
     and on 2 cores a previous file's spinning thread takes the core the next file's
     second thread needs (``bench.timer_crosstalk``, ``mbf`` FP32 at 2 threads: LiteRT
-    7.4 ms timed round-robin with ONNX Runtime and NCNN, 3.3 ms in blocks; NCNN 10.2 vs
-    5.2 ms; at 1 thread within 6 %). The passes still spread a busy spell of the machine
+    7.5 ms timed round-robin with ONNX Runtime and NCNN, 3.2 ms in blocks; NCNN 10.3 vs
+    7.2 ms; at 1 thread within 3 %). The passes still spread a busy spell of the machine
     over every file.
     """
-    per_pass = max(1, math.ceil(rounds / PASSES))
     wall: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for n in range(PASSES):
+        timed = rounds // PASSES + (n < rounds % PASSES)   # exactly ``rounds`` in all
         for name in names[n % len(names):] + names[:n % len(names)]:
             time.sleep(PAUSE_S)
             run = runners[name]
             for _ in range(warmup):
                 run(x)
-            for _ in range(per_pass):
+            for _ in range(timed):
                 cpu_start, start = time.process_time(), time.perf_counter()
                 run(x)
                 wall[name].append((time.perf_counter() - start) * 1e3)

@@ -77,8 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="facekd-timer-") as tmp:
         for threads in (1, 2):
             runners = _runners(Path(tmp), args.arch, threads)
-            robin = time_round_robin(runners, x, args.warmup, args.rounds)
-            blocks = time_blocks(runners, x, args.warmup, args.rounds)
+            if threads == 1:
+                robin = time_round_robin(runners, x, args.warmup, args.rounds)
+                blocks = time_blocks(runners, x, args.warmup, args.rounds)
+            else:  # blocks first here: any warm-up or load trend then favours round robin
+                blocks = time_blocks(runners, x, args.warmup, args.rounds)
+                robin = time_round_robin(runners, x, args.warmup, args.rounds)
             rows[threads] = {name: {"round_robin_ms": robin[name]["median_ms"],
                                     "blocks_ms": blocks[name]["median_ms"]}
                              for name in runners}

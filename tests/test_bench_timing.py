@@ -29,14 +29,15 @@ def test_each_file_is_timed_in_one_block_per_pass_with_rotated_order(monkeypatch
     warmup, rounds = 2, 7
     result = p6_latency.time_blocks(_recording_runners(names, log), np.zeros(1), warmup, rounds)
 
-    per_pass = -(-rounds // p6_latency.PASSES)
-    block = warmup + per_pass
-    assert len(log) == p6_latency.PASSES * len(names) * block
+    assert len(log) == p6_latency.PASSES * len(names) * warmup + len(names) * rounds
     runs = [(name, len(list(group))) for name, group in itertools.groupby(log)]
-    assert runs == [(name, block) for name, _ in runs]   # consecutive calls, one block each
-    assert len(runs) == p6_latency.PASSES * len(names)
-    firsts = [runs[p * len(names)][0] for p in range(p6_latency.PASSES)]
-    assert firsts == names[:p6_latency.PASSES]           # each pass starts one file later
+    assert len(runs) == p6_latency.PASSES * len(names)   # consecutive calls, one block each
+    for p in range(p6_latency.PASSES):
+        block = runs[p * len(names):(p + 1) * len(names)]
+        assert block[0][0] == names[p]                  # each pass starts one file later
+        assert len({size for _, size in block}) == 1    # every file the same calls per pass
     for name in names:
-        assert result[name]["runs"] == p6_latency.PASSES * per_pass
+        assert result[name]["runs"] == rounds           # exactly the asked-for timed calls
+        assert sum(size for n, size in runs if n == name) == \
+            p6_latency.PASSES * warmup + rounds
         assert result[name]["median_ms"] >= 0 and result[name]["cpu_median_ms"] >= 0

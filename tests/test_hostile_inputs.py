@@ -41,15 +41,13 @@ HEADROOM_GB = 3.0
 
 
 # ----------------------------------------------------------------------------- the world
-
-
-
 def _noise(size: int, seed: int) -> bytes:
     """Random bytes that are the same on every run, so a failing case reproduces
     (``os.urandom`` garbage once raised an uncaught IndexError in one CI run only)."""
     import random
 
     return random.Random(seed).randbytes(size)
+
 
 def _cli(*argv: str) -> None:
     from facekd.cli import main

@@ -235,9 +235,9 @@ def test_nodes_without_a_shared_folder_stop_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_refilled_stages_run_in_one_two_node_launch_and_rerun_trains_nothing(tmp_path):
-    """REFILLED's stages are two trainer runs inside one torchrun launch: every rank leaves
-    the process group after stage 1 and joins a new one for stage 2, which starts from the
-    student rank 0 wrote. With ``partial_fc: null`` stage 1 (relations only) gets a
+    """REFILLED's stages are two trainer runs inside one torchrun launch sharing one
+    process group (re-creating it for stage 2 hung gloo); stage 2 starts from the student
+    rank 0 wrote. With ``partial_fc: null`` stage 1 (relations only) gets a
     sharded Partial FC and stage 2 (it reads the student's head) a replicated one.
     Relaunched, the run finds both stages done and trains nothing."""
     from facekd.models import create_model

@@ -82,6 +82,8 @@ def test_a_sharded_head_for_a_head_reading_stage_fails_before_stage_one(tmp_path
     from facekd.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # a regression fails here, never rendezvous
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "run"
     recipe = tiny_recipe(out, "refilled", ("optim.epochs=2", "student.head.partial_fc=true"))
     with pytest.raises(ConfigError, match=r"method 'refilled' reads the student's head.*"

@@ -20,8 +20,9 @@ backward of mbf_tiny on noise images), most of it entering at the 56 px map. The
 official no-clipping setting is worse here, not better: on the embedded benchmark's
 validation identities (``bench.methods``' tuning seed and recipe setting, 88 steps)
 TAR@FAR=1e-3 is 1.07 [0.34, 2.55] unclipped against 8.43 [5.32, 12.60] clipped, final
-student CE 19.8 / 19.6 against 15.2 for the student trained alone (both figures:
-``python -m bench.frskd_clipping``, bench/results/frskd_clipping.md).
+student CE 19.8 / 19.6 (these and the 5.2x: ``python -m bench.frskd_clipping``,
+bench/results/frskd_clipping.md) against 15.2 for the student trained alone (its
+``tune/none`` run in ``bench.methods``).
 MobileFaceNet's 56/28/14/7 px stages halve cleanly, which the fusion needs.
 """
 

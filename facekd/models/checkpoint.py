@@ -74,6 +74,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
                      lines[0] if lines else type(exc).__name__)
         raise CheckpointError(f"{path}: refused to load (not a plain-weights checkpoint; "
                               f"weights_only=True): {first}") from exc
+    except MemoryError:
+        raise   # a large valid file on a small machine is not a damaged one
     except Exception as exc:  # garbage makes the unpickler raise anything (seen in
         # CI: IndexError "pop from empty list" from torch's weights_only unpickler)
         text = str(exc).strip()

@@ -129,10 +129,16 @@ def load_classifier(spec: str | os.PathLike, embedding_size: int | None = None
         raise CheckpointError(f"{path}: no such classifier file")
     if path.suffix.lower() == ".npy":
         try:
-            matrix = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+            array = np.load(path, allow_pickle=False)
+        except MemoryError:
+            raise   # a large valid file on a small machine is not a damaged one
         except Exception as exc:  # a damaged header can raise anything
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            text = str(exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
             raise CheckpointError(f"{path}: not a readable .npy matrix: {reason}") from exc
+        if not np.issubdtype(array.dtype, np.number):
+            raise CheckpointError(f"{path}: class centres must be numbers, not {array.dtype}")
+        matrix = torch.from_numpy(array.astype(np.float32))
     else:
         obj = read_checkpoint(path)
         if isinstance(obj, torch.Tensor):
