@@ -265,13 +265,9 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
     if _complete_cache_there(out, teacher_spec, source, dtype):
         log.info("teacher cache %s is already complete", out)
         return out
-    import torch.distributed as dist
+    from facekd.train.ddp import barrier, init_distributed
 
-    from facekd.train.ddp import barrier, init_distributed, shutdown
-
-    already = dist.is_available() and dist.is_initialized()
     info, dist_device = init_distributed(device or "auto")
-    owns_group = info.enabled and not already
     rank = info.rank
     chunks_dir = out / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
@@ -316,8 +312,6 @@ def build_teacher_cache(teacher_spec: str, source: str, out: str | Path, *,
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        if owns_group:
-            shutdown(info)
     return out
 
 

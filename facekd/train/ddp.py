@@ -3,10 +3,17 @@
 torchrun exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` on every node; reading only those keeps ``facekd distill`` launchable by
 plain ``torchrun --nnodes N --nproc-per-node G -m facekd distill RECIPE``.
+
+The process group lives as long as the process: the first call that needs it creates it,
+later ones (REFILLED's second stage, a training after a teacher cache in one script)
+reuse it, and it is destroyed at exit. Creating a new one after
+``destroy_process_group`` hung gloo's rendezvous under torchrun, or aborted a rank at
+exit ("terminate called without an active exception").
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -89,11 +96,12 @@ def init_distributed(device_choice: str = "auto") -> tuple[DistInfo, torch.devic
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                             timeout=dist_timeout())
+    atexit.register(_destroy_at_exit)
     return DistInfo(rank, world_size, local_rank, backend), device
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def _destroy_at_exit() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

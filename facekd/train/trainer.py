@@ -36,7 +36,6 @@ from facekd.train.ddp import (
     init_distributed,
     launched_world_size,
     mean_scalar,
-    shutdown,
 )
 from facekd.train.recipe import Recipe
 from facekd.train.schedule import StepSchedule
@@ -213,18 +212,13 @@ class Trainer:
         self.out = Path(recipe.run.output)
         self.dist = DistInfo()
         self.device = torch.device("cpu")
-        self._owns_group = False
         self._log_handler: logging.Handler | None = None
         self.hooks: Any = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        import torch.distributed as dist
-
         r = self.recipe
-        already = dist.is_available() and dist.is_initialized()
         self.dist, self.device = init_distributed(r.run.device)
-        self._owns_group = self.dist.enabled and not already
         if self.dist.is_main:
             from facekd.config import save_config
             from facekd.logs import add_file_log
@@ -1031,8 +1025,6 @@ class Trainer:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
-        if self._owns_group:
-            shutdown(self.dist)
 
     def run(self) -> Path:
         try:
@@ -1082,25 +1074,8 @@ def train(recipe: Recipe, *, loader_factory: Callable[..., Any] | None = None,
     """
     from facekd.train.stages import run_stages, stage_recipes
 
-    stages = stage_recipes(recipe)
     world_size = launched_world_size()
-    for _, stage in stages:  # a later stage's bad head fails before stage 1
+    for _, stage in stage_recipes(recipe):  # a later stage's bad head fails before stage 1
         resolve_partial_fc(stage, world_size)
-
-    def run_one(stage: Recipe) -> Path:
-        return Trainer(stage, loader_factory=loader_factory, teacher=teacher,
-                       evaluator=evaluator).run()
-
-    if len(stages) == 1 or world_size == 1:
-        return run_stages(recipe, run_one)
-    # One process group for all stages: joining a new one after destroy_process_group
-    # hung in gloo's rendezvous under torchrun (tests/test_multinode.py, REFILLED).
-    import torch.distributed as dist
-
-    already = dist.is_available() and dist.is_initialized()
-    info, _ = init_distributed(recipe.run.device)
-    try:
-        return run_stages(recipe, run_one)
-    finally:
-        if not already:
-            shutdown(info)
+    return run_stages(recipe, lambda stage: Trainer(
+        stage, loader_factory=loader_factory, teacher=teacher, evaluator=evaluator).run())
