@@ -305,8 +305,15 @@ class Trainer:
     def _build_method_class(self) -> None:
         from facekd.distill import get_method_class
 
-        self.method_cls = get_method_class(self.recipe.method.name)
-        resolve_partial_fc(self.recipe, self.dist.world_size)  # refuse before the teacher
+        r = self.recipe
+        self.method_cls = get_method_class(r.method.name)
+        # decided here, not with the head: a head the method cannot use is refused before
+        # the teacher or its cache is loaded
+        self.partial_fc = resolve_partial_fc(r, self.dist.world_size)
+        if r.student.head.partial_fc is None and not self.partial_fc and \
+                self.dist.world_size > 1:
+            log.info("student head replicated on all %d ranks (not Partial FC): method '%s' "
+                     "reads it", self.dist.world_size, r.method.name)
 
     def _build_teacher(self) -> None:
         """Live teacher or cache, only when the method asks for one."""
@@ -427,10 +434,6 @@ class Trainer:
     def _build_head(self) -> None:
         r = self.recipe
         h = r.student.head
-        self.partial_fc = resolve_partial_fc(r, self.dist.world_size)
-        if h.partial_fc is None and not self.partial_fc and self.dist.world_size > 1:
-            log.info("student head replicated on all %d ranks (not Partial FC): method '%s' "
-                     "reads it", self.dist.world_size, r.method.name)
         if self.partial_fc:
             from facekd.models.partial_fc import PartialFC, PartialFCView, init_shard_like_full
 
