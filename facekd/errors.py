@@ -27,3 +27,10 @@ class CheckpointError(FacekdError):
 class OutputError(FacekdError):
     """An output path that cannot be written (read-only, no permission, disk full, a file
     where a folder is needed); the message names the path and the cause."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a foreign exception's message (its type name when empty): what
+    a one-line error quotes of a library's multi-line report."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

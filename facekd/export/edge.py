@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from facekd.errors import FacekdError
+from facekd.errors import FacekdError, first_line
 from facekd.export import parity as parity_mod
 from facekd.fileio import disk_full, make_dirs, output_error, sha256_file
 
@@ -169,9 +169,8 @@ def _write_checked(fmt: EdgeFormat, student: Any, variant: str, files: list[Path
     except FacekdError:
         raise
     except Exception as exc:  # the runtimes raise their own types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FacekdError(f"{final[0]}: {fmt.name} cannot run the exported file: {first}"
-                          ) from exc
+        raise FacekdError(f"{final[0]}: {fmt.name} cannot run the exported file: "
+                          f"{first_line(exc)}") from exc
     report = parity_mod.compare_embeddings(reference, got, variant, THRESHOLDS[variant])
     if variant == "fp32" and not report.passed:
         raise FacekdError(parity_mod.describe_failure(report, final[0]))

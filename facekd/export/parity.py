@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from facekd.data.pixels import normalise_pixels
-from facekd.errors import FacekdError
+from facekd.errors import FacekdError, first_line
 
 # ArcFace 112x112 reference landmarks (x, y): eyes, nose tip, mouth corners.
 _ARCFACE_DST = np.array(
@@ -202,8 +202,8 @@ def onnx_embeddings(path: str | Path, x: np.ndarray, normalize_inside: bool,
     try:
         outs = [embedder(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FacekdError(f"{path}: onnxruntime cannot run the exported file: {first}") from exc
+        raise FacekdError(f"{path}: onnxruntime cannot run the exported file: "
+                          f"{first_line(exc)}") from exc
     return np.concatenate(outs).astype(np.float32)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from facekd.errors import CheckpointError
+from facekd.errors import CheckpointError, first_line
 from facekd.fileio import atomic_path
 
 FORMAT = "facekd"
@@ -78,9 +78,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise   # a large valid file on a small machine is not a damaged one
     except Exception as exc:  # garbage makes the unpickler raise anything (seen in
         # CI: IndexError "pop from empty list" from torch's weights_only unpickler)
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {first}") from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: "
+                              f"{first_line(exc)}") from exc
 
 
 def is_facekd_checkpoint(obj: Any) -> bool:

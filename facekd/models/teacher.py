@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facekd.errors import CheckpointError, ConfigError
+from facekd.errors import CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,8 @@ def load_classifier(spec: str | os.PathLike, embedding_size: int | None = None
         except MemoryError:
             raise   # a large valid file on a small machine is not a damaged one
         except Exception as exc:  # a damaged header can raise anything
-            text = str(exc).strip()
-            reason = text.splitlines()[0] if text else type(exc).__name__
-            raise CheckpointError(f"{path}: not a readable .npy matrix: {reason}") from exc
+            raise CheckpointError(f"{path}: not a readable .npy matrix: "
+                                  f"{first_line(exc)}") from exc
         if not np.issubdtype(array.dtype, np.number):
             raise CheckpointError(f"{path}: class centres must be numbers, not {array.dtype}")
         matrix = torch.from_numpy(array.astype(np.float32))
