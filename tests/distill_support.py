@@ -18,3 +18,14 @@ class CosHead(nn.Module):
     def cos_logits(self, emb, class_idx=None):
         w = self.weight if class_idx is None else self.weight[class_idx]
         return self.scale * F.normalize(emb, dim=1) @ F.normalize(w, dim=1).t()
+
+
+class SpyHead:
+    """Wraps a head and records whether a method read any of it (``read``)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.read = inner, False
+
+    def __getattr__(self, name):
+        self.read = True
+        return getattr(self.inner, name)

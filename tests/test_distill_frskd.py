@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from distill_support import SpyHead
 
 from facekd.distill import StudentOutput, create_method
 from facekd.distill.frskd import SelfTeacher, WeightedFusion, attention_loss, attention_map
@@ -205,16 +206,8 @@ def test_reads_student_head_says_what_forward_does(soft_target):
     from facekd.distill import get_method_class
     from facekd.distill.base import parse_params
 
-    class Spy:
-        def __init__(self, inner):
-            self.inner, self.read = inner, False
-
-        def __getattr__(self, name):
-            self.read = True
-            return getattr(self.inner, name)
-
     torch.manual_seed(0)
-    head = Spy(_StandInHead("arcface", 6, 5, scale=16.0))
+    head = SpyHead(_StandInHead("arcface", 6, 5, scale=16.0))
     _frskd(soft_target=soft_target)(StudentOutput(torch.randn(4, 6), _maps(), head=head),
                                     None, torch.tensor([0, 3, -1, 4]))
     cls = get_method_class("frskd")

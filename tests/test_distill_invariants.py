@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from distill_support import SpyHead
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -76,17 +77,6 @@ def test_duplicate_and_zero_rows_keep_gradients_finite(name):
     total.backward()
     assert torch.isfinite(total)
     assert torch.isfinite(emb.grad).all()
-
-
-class SpyHead:
-    """A student head that records whether a method read it."""
-
-    def __init__(self, inner: CosHead) -> None:
-        self.inner, self.read = inner, False
-
-    def __getattr__(self, name):
-        self.read = True
-        return getattr(self.inner, name)
 
 
 @pytest.mark.parametrize(("name", "params"), [
